@@ -1,0 +1,163 @@
+"""Versioned WebDataset corpora (DESIGN.md): ``<corpus>/<version>/{shards/NNNNNN.tar, index.parquet,
+manifest.json}``, the version a content hash of the inputs and the config, the whole directory written in a
+temporary sibling and renamed, then the ``latest`` pointer moved. A version that already exists is reused."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from labelers.hashing import content_id
+
+SCHEMA_VERSION = 1
+LATEST = "latest"
+
+
+def corpus_version(corpus: str, inputs: dict[str, str], config: dict[str, Any]) -> str:
+    """``inputs`` maps each input partition to the sha256 of the files it contributed."""
+    return content_id("corpus", corpus, SCHEMA_VERSION, sorted(inputs.items()), config)[:16]
+
+
+def latest_version(corpus_root: Path) -> str | None:
+    pointer = Path(corpus_root) / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(version_dir) / "manifest.json").read_text())
+
+
+def write_corpus(
+    corpus_root: Path,
+    corpus: str,
+    version: str,
+    samples: Iterable[tuple[dict[str, Any], dict[str, Any]]],
+    shard_max_samples: int,
+    manifest_extra: dict[str, Any],
+    drops: Counter,
+) -> tuple[Path, dict[str, Any], bool]:
+    """Write ``(sample, index_row)`` pairs into a new version directory. Returns (dir, manifest, created)."""
+    import polars as pl
+
+    from pipelines.io import atomic_dir, write_json, write_parquet, write_shard
+
+    corpus_root = Path(corpus_root)
+    final = corpus_root / version
+    if (final / "manifest.json").exists():
+        _point_latest(corpus_root, version)
+        return final, read_manifest(final), False
+    shards: list[dict[str, Any]] = []
+    index_rows: list[dict[str, Any]] = []
+    with atomic_dir(final) as tmp:
+        (tmp / "shards").mkdir()
+        for number, chunk in enumerate(_chunks(samples, shard_max_samples)):
+            name = f"{number:06d}.tar"
+            info = write_shard(tmp / "shards" / name, (sample for sample, _ in chunk))
+            shards.append(info)
+            index_rows.extend({**row, "shard": f"shards/{name}", "key": sample["__key__"]} for sample, row in chunk)
+        index = pl.DataFrame(index_rows) if index_rows else pl.DataFrame(schema={"shard": pl.String, "key": pl.String})
+        write_parquet(index, tmp / "index.parquet")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "corpus": corpus,
+            "version": version,
+            "num_samples": len(index_rows),
+            "shards": shards,
+            "drops": dict(sorted(drops.items())),
+            **manifest_extra,
+        }
+        write_json(manifest, tmp / "manifest.json")
+    _point_latest(corpus_root, version)
+    return final, manifest, True
+
+
+def _point_latest(corpus_root: Path, version: str) -> None:
+    from pipelines.io import atomic_path
+
+    with atomic_path(corpus_root / LATEST) as tmp:
+        tmp.write_text(version + "\n")
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def sft_samples(labels, prompts_by_id, images, min_reward: float, drops: Counter):
+    """SFT samples (``jpg, txt, json``) from ok labels whose reward is at least ``min_reward``."""
+    import json
+
+    from pipelines.io import encode_image
+
+    for row in labels.iter_rows(named=True):
+        if row["status"] != "ok":
+            drops[f"label_{row['status']}"] += 1
+            continue
+        if row["reward"] is None or row["reward"] < min_reward:
+            drops["below_reward_threshold"] += 1
+            continue
+        image = images.get(row["candidate_id"])
+        if image is None or isinstance(image, Exception):
+            drops["image_unreadable"] += 1
+            continue
+        prompt = prompts_by_id[row["prompt_id"]]
+        meta = {k: v for k, v in row.items() if k != "raw_judgement"}
+        meta.update(task=prompt["task"], text=prompt["text"])
+        sample = {"__key__": row["candidate_id"], "jpg": encode_image(image, "jpg"), "txt": prompt["text"],
+                  "json": json.dumps(meta, default=str).encode()}
+        yield sample, {"candidate_id": row["candidate_id"], "prompt_id": row["prompt_id"], "task": prompt["task"],
+                       "reward": row["reward"]}
+
+
+def preference_samples(pairs, prompts_by_id, images, seed: int, drops: Counter):
+    """Pick-a-Pic style samples. Which image is ``jpg_0`` is drawn per pair from ``seed`` and the pair id, so the
+    layout is reproducible and ``label_0`` is balanced."""
+    import json
+
+    from PIL import Image
+
+    from pipelines.io import encode_image
+
+    for pair in pairs.iter_rows(named=True):
+        chosen, rejected = images.get(pair["chosen_id"]), images.get(pair["rejected_id"])
+        if chosen is None or rejected is None or isinstance(chosen, Exception) or isinstance(rejected, Exception):
+            drops["image_unreadable"] += 1
+            continue
+        prompt = prompts_by_id[pair["prompt_id"]]
+        chosen_first = random.Random(f"{seed}:{pair['pair_id']}").random() < 0.5
+        first, second = (chosen, rejected) if chosen_first else (rejected, chosen)
+        label = float(pair["label"])
+        label_0 = label if chosen_first else 1.0 - label
+        sample = {
+            "__key__": pair["pair_id"],
+            "jpg_0.jpg": encode_image(first, "jpg"),
+            "jpg_1.jpg": encode_image(second, "jpg"),
+            "caption.txt": prompt["text"],
+            "label_0.txt": _label_text(label_0),
+            "label_1.txt": _label_text(1.0 - label_0),
+            "json": json.dumps({**pair, "task": prompt["task"], "chosen_is_jpg_0": chosen_first,
+                                "reference_types": prompt["reference_types"]}, default=str).encode(),
+        }
+        if prompt["source_image"]:
+            with Image.open(prompt["source_image"]) as src:
+                sample["src.jpg"] = encode_image(src.convert("RGB"), "jpg")
+        for k, ref_path in enumerate(prompt["reference_images"]):
+            with Image.open(ref_path) as ref:
+                sample[f"ref_{k}.jpg"] = encode_image(ref.convert("RGB"), "jpg")
+        yield sample, {"pair_id": pair["pair_id"], "prompt_id": pair["prompt_id"], "task": prompt["task"],
+                       "label_0": label_0, "caption": prompt["text"]}
+
+
+def _label_text(value: float) -> str:
+    return "0.5" if value == 0.5 else str(int(value))
