@@ -10,7 +10,7 @@ tokenizer's ``vocab.json`` / ``merges.txt`` are derived from the BPE vocabulary 
 package (exactly the way CLIP's own tokenizer derives them), so nothing is downloaded.
 
 Sizes (default 64x64 images: VAE downsampling 2 -> 32x32 latents):
-UNet ~1 M parameters, VAE ~0.3 M, CLIP text encoder ~1.6 M (1.58 M of it the 49408 x 32 token embedding).
+UNet ~1.0 M parameters, VAE ~0.66 M, CLIP text encoder ~1.6 M (1.58 M of it the 49408 x 32 token embedding).
 """
 
 from __future__ import annotations

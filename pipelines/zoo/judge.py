@@ -18,6 +18,7 @@ produce valid judgements, which is what the tests rely on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SEED = 1234
@@ -119,8 +120,49 @@ _JSON = """\
 """
 
 
+_WORDS = """
+a an the and or but with without of on in under over behind beside near far above below between inside outside
+red orange yellow green blue purple pink brown black white grey gray golden silver pale dark bright vivid muted
+cat dog fox bird horse owl rabbit lion tiger bear fish dragon robot person woman man child girl boy face hand
+house castle city street road bridge river lake sea ocean mountain forest tree flower garden field desert beach
+sky cloud sun moon star rain snow fog storm night morning evening sunset sunrise light shadow reflection window
+car bicycle boat train plane ship cup bottle chair table book lamp clock hat coat shoe bag guitar piano painting
+photo photograph portrait landscape illustration sketch drawing render cartoon anime watercolor oil pencil pixel
+cinematic realistic detailed sharp blurry noisy clean soft hard smooth rough glossy matte warm cold cozy calm
+one two three four five six seven eight nine ten many few several both each every all none some
+is are was were be been has have had does do did can could should would will may might must not no yes
+image picture scene subject object background foreground style pose reference source edit instruction prompt
+score feedback quality aesthetics alignment fidelity preservation following visual detail dimension rubric
+good bad poor excellent fine great perfect weak strong slight heavy minor major missing extra wrong correct
+color colour composition lighting contrast texture artifact artifacts distortion noise blur edge edges border
+replace remove add change keep make turn put move place give show look match matches follows follow preserve
+"""
+
+
+def _corpus() -> list[str]:
+    """A deterministic English + JSON training corpus (a few thousand lines, built from the snippets above)."""
+    import random
+
+    rng = random.Random(SEED)
+    words = _WORDS.split()
+    lines = [line for line in (_ENGLISH + _JSON).splitlines() if line.strip()] * 8
+    for _ in range(3000):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + ".")
+    for _ in range(600):
+        dims = rng.sample(
+            ["prompt_alignment", "visual_quality", "aesthetics", "instruction_following",
+             "detail_preservation", "reference_fidelity"], 3)
+        obj = {
+            d: {"score": rng.randint(0, 5), "feedback": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))}
+            for d in dims
+        }
+        lines.append(json.dumps(obj, separators=(",", ":") if rng.random() < 0.5 else (", ", ": ")))
+    return lines
+
+
 def _train_bpe():
-    """Train a byte-level BPE with Qwen2's pre-tokenizer; returns (vocab, merges)."""
+    """Train a byte-level BPE with Qwen2's pre-tokenizer; returns (vocab, merges) with Qwen's added tokens
+    appended to the vocab after the BPE tokens, in Qwen's order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -134,19 +176,18 @@ def _train_bpe():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
-        min_frequency=1,
+        min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    corpus = [line for line in (_ENGLISH + _JSON).splitlines() if line.strip()]
-    # Repeat the corpus so frequent pairs dominate; the trainer is deterministic for a fixed input.
-    tok.train_from_iterator(corpus * 4, trainer=trainer)
-    data = tok.model.get_vocab()
-    vocab = dict(sorted(data.items(), key=lambda kv: kv[1]))
-    import json
-
+    tok.train_from_iterator(_corpus(), trainer=trainer)
     model_json = json.loads(tok.to_str())["model"]
+    vocab = dict(sorted(model_json["vocab"].items(), key=lambda kv: kv[1]))
+    if sorted(vocab.values()) != list(range(len(vocab))):  # pragma: no cover
+        raise RuntimeError("trained BPE vocab ids are not contiguous")
+    for token in SPECIAL_TOKENS + NON_SPECIAL_ADDED:
+        vocab[token] = len(vocab)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
     return vocab, merges
 
@@ -172,11 +213,11 @@ def build_tokenizer():
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL_ADDED])
     tokenizer.chat_template = CHAT_TEMPLATE
-    base = len(vocab)
-    for offset, token in enumerate(SPECIAL_TOKENS + NON_SPECIAL_ADDED):
-        got = tokenizer.convert_tokens_to_ids(token)
-        if got != base + offset:  # pragma: no cover - guards against a tokenizers behaviour change
-            raise RuntimeError(f"special token {token!r} got id {got}, expected {base + offset}")
+    for token in SPECIAL_TOKENS + NON_SPECIAL_ADDED:
+        if tokenizer.convert_tokens_to_ids(token) != vocab[token]:  # pragma: no cover - tokenizers behaviour guard
+            raise RuntimeError(f"added token {token!r} got id {tokenizer.convert_tokens_to_ids(token)}, not {vocab[token]}")
+    if len(tokenizer) != len(vocab):  # pragma: no cover
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}")
     return tokenizer
 
 

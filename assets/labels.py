@@ -1,0 +1,62 @@
+"""reward_labels: the VLM judge's 0–5 scores with feedback per dimension, plus CLIP rewards, per candidate."""
+
+
+import dagster as dg
+
+from assets._metadata import counts_md, histogram_md, path_md
+from assets.candidates import candidate_images
+from pipelines.partitions import prompt_batch_partitions
+from pipelines.resources import ClipResource, JudgeResource, ProfileResource, StorageResource
+
+
+@dg.asset(partitions_def=prompt_batch_partitions, deps=[candidate_images], group_name="labelling",
+          kinds={"transformers", "open_clip", "parquet"}, pool="gpu")
+def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+                  judge: JudgeResource, clip: ClipResource) -> dg.MaterializeResult:
+    """Labels every candidate of the partition. Labels are written in parts keyed by (candidate_id, judge_id), so
+    a crash resumes from the rows already labelled and a changed rubric or judge model re-labels. A row that
+    cannot be scored keeps its status (image_error, parse_error) and error instead of being dropped or zeroed."""
+    import polars as pl
+
+    from labelers.rubrics import all_dimensions
+    from labelers.stage import LabelingStage
+    from pipelines.labels import label_partition
+
+    key = context.partition_key
+    layout = storage.layout
+    settings = profile.settings()
+    rewards = settings["rewards"]
+    stage = LabelingStage(
+        judge=judge.judge(), scorer=clip.scorer(), lambdas=rewards["lambda"],
+        drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
+        judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
+    )
+    labels, relabelled = label_partition(
+        stage=stage,
+        candidates=pl.read_parquet(layout.candidates(key)),
+        prompts=pl.read_parquet(layout.prompts(key)),
+        shard_dir=layout.asset_dir("candidate_images", key) / "shards",
+        parts_dir=layout.asset_dir("reward_labels", key) / "parts",
+        out_path=layout.labels(key),
+        batch_size=settings["judge"].get("batch_size", 8),
+        log=context.log.info,
+    )
+    by_status = dict(labels.group_by("status").len().iter_rows())
+    ok = labels.filter(pl.col("status") == "ok")
+    dims = [d for d in all_dimensions() if d in labels.columns and ok[d].null_count() < len(ok)]
+    means = {d: round(float(ok[d].mean()), 4) for d in dims} if len(ok) else {}
+    for name in ("clip_t", "clip_i", "lambda_harmonic", "reward"):
+        if len(ok) and ok[name].null_count() < len(ok):
+            means[name] = round(float(ok[name].mean()), 4)
+    parse_errors = by_status.get("parse_error", 0)
+    for row in labels.filter(pl.col("status") != "ok").head(10).iter_rows(named=True):
+        context.log.warning(f"candidate {row['candidate_id']}: {row['status']}: {row['error']}")
+    return dg.MaterializeResult(metadata={
+        "num_labels": len(labels),
+        "labelled_now": relabelled,
+        "by_status": counts_md(by_status, "status"),
+        "parse_error_rate": parse_errors / max(1, len(labels)),
+        "mean_by_dimension": counts_md(means, "dimension", "mean"),
+        "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
+        "path": path_md(layout.labels(key)),
+    })

@@ -1,0 +1,125 @@
+"""sft_run, dpo_run, grpo_run: trainers launched out of process through Dagster Pipes.
+
+Each asset writes the trainer's config into a run directory keyed by its input version and config, runs
+``python -m trainers.<name> --config FILE`` with ``PipesSubprocessClient`` (metrics and logs stream into the
+Dagster run), and reports the adapter path. A run directory that already holds a result is reused, so training
+happens only when its input corpus version (or config) changed. In production swap the client for one that
+runs ``accelerate launch`` or a cluster job; the trainer side is the same."""
+
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from assets._metadata import path_md
+from assets.corpora import preference_corpus, sft_corpus
+from assets.pool import rl_prompt_pool
+from pipelines.resources import ProfileResource, StorageResource
+
+
+def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,
+            trainer: str, inputs: dict[str, Any], config: dict[str, Any]) -> dg.MaterializeResult:
+    from pipelines.runs import finished_result, point_latest, run_dir
+
+    directory = run_dir(storage.layout, trainer, inputs, config)
+    result = finished_result(directory)
+    reported: dict[str, Any] = {}
+    if result is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        config_path = directory / "config.json"
+        config_path.write_text(json.dumps({**config, "output_dir": str(directory)}, indent=2))
+        invocation = pipes.run(
+            command=[sys.executable, "-m", f"trainers.{trainer}", "--config", str(config_path)],
+            context=context, extras={"run_dir": str(directory), "inputs": inputs},
+        )
+        for event in invocation.get_results():
+            if isinstance(event, dg.MaterializeResult):
+                reported.update(event.metadata or {})
+        result = finished_result(directory)
+        if result is None:
+            raise dg.Failure(f"trainers.{trainer} exited without writing {directory / 'result.json'}")
+    else:
+        context.log.info(f"{trainer}: inputs and config unchanged, reusing {directory}")
+    point_latest(storage.layout, trainer, directory)
+    metrics = {k: v for k, v in result.get("final_metrics", {}).items() if isinstance(v, (int, float))}
+    return dg.MaterializeResult(
+        metadata={
+            **reported,
+            **{f"final_{k}": float(v) for k, v in metrics.items()},
+            "steps": int(result.get("steps", 0)),
+            "adapter": path_md(result["adapter_dir"]),
+            "run_dir": path_md(directory),
+            "reused": not reported,
+        },
+        data_version=dg.DataVersion(directory.name),
+    )
+
+
+def _corpus_input(storage: StorageResource, corpus: str) -> tuple[Path, str]:
+    from pipelines.corpora import latest_version
+
+    root = storage.layout.corpus_root(corpus)
+    version = latest_version(root)
+    if version is None:
+        raise dg.Failure(f"no {corpus} version yet under {root}; materialize {corpus} first")
+    return root / version, version
+
+
+def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    from pipelines.zoo import resolve_model
+
+    settings = profile.settings()
+    base = dict(settings["training"][trainer])
+    base.setdefault("resolution", settings["generation"]["generators"]["t2i"].get("width", 512))
+    return settings, {"pretrained_model": resolve_model(settings["generation"]["generators"]["t2i"]["model"]), **base}
+
+
+@dg.asset(deps=[sft_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
+def sft_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """LoRA SFT of the text-to-image denoiser on the SFT corpus (DyRef's first stage)."""
+    corpus_dir, version = _corpus_input(storage, "sft_corpus")
+    _, config = _trainer_settings(profile, "sft")
+    config["corpus_dir"] = str(corpus_dir)
+    return _launch(context, pipes_subprocess_client, storage, "sft", {"sft_corpus": version}, config)
+
+
+@dg.asset(deps=[preference_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
+def dpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """Diffusion-DPO of a LoRA on the preference corpus against the frozen base as reference."""
+    corpus_dir, version = _corpus_input(storage, "preference_corpus")
+    _, config = _trainer_settings(profile, "dpo")
+    config["corpus_dir"] = str(corpus_dir)
+    return _launch(context, pipes_subprocess_client, storage, "dpo", {"preference_corpus": version}, config)
+
+
+@dg.asset(deps=[sft_run, rl_prompt_pool], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
+def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+             pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """GRPO from the SFT adapter (DyRef's second stage): online groups scored with CLIP λ-Harmonic, DRS-sharpened
+    reference similarities, DAR focal group weights; held-out λ-Harmonic picks the checkpoint kept."""
+    from labelers.hashing import content_id
+    from pipelines.io import file_sha256
+    from pipelines.runs import latest_run
+    from pipelines.zoo import resolve_model
+
+    sft_dir = latest_run(storage.layout, "sft")
+    if sft_dir is None:
+        raise dg.Failure("grpo_run starts from the SFT adapter: materialize sft_run first")
+    pool_path = storage.layout.asset_dir("rl_prompt_pool") / "pool.parquet"
+    settings, config = _trainer_settings(profile, "grpo")
+    sft_result = json.loads((sft_dir / "result.json").read_text())
+    config.update(
+        init_adapter=sft_result["adapter_dir"], prompt_pool=str(pool_path),
+        clip_model=resolve_model(settings["clip"]["model"]), clip_backend=settings["clip"].get("backend", "open_clip"),
+        lambdas=settings["rewards"]["lambda"],
+    )
+    drs = settings["rewards"].get("drs", {})
+    config.update(use_drs=bool(drs.get("enabled")), drs_k0=drs.get("k0", 10.0), drs_k1=drs.get("k1", 3.0),
+                  drs_tau=drs.get("tau", 0.68))
+    inputs = {"sft_run": sft_dir.name, "rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}
+    return _launch(context, pipes_subprocess_client, storage, "grpo", inputs, config)

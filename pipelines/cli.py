@@ -1,0 +1,121 @@
+"""Small commands around the Dagster code location (used by ``make demo``):
+
+    python -m pipelines.cli seed-inbox   copy the bundled sample batches into the inbox (once)
+    python -m pipelines.cli register     add a prompt_batches partition per inbox file to the Dagster instance
+    python -m pipelines.cli partitions   print the registered partition keys, one per line
+    python -m pipelines.cli summary      one screen: what the last materializations wrote
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipelines.paths import SAMPLES_DIR, Layout, default_data_root, default_inbox
+
+
+def seed_inbox(inbox: Path) -> list[Path]:
+    target = inbox / "samples"
+    if not target.exists():
+        tmp = inbox / ".samples.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(SAMPLES_DIR, tmp, ignore=shutil.ignore_patterns("README.md"))
+        tmp.replace(target)
+    return sorted(target.rglob("*.jsonl"))
+
+
+def register(inbox: Path) -> list[str]:
+    from dagster import DagsterInstance
+
+    from pipelines.partitions import PROMPT_BATCH_PARTITIONS
+    from pipelines.prompts import discover_batches
+
+    keys = sorted(discover_batches(inbox))
+    with DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
+        new = [k for k in keys if k not in known]
+        if new:
+            instance.add_dynamic_partitions(PROMPT_BATCH_PARTITIONS, new)
+    return keys
+
+
+def summary(root: Path) -> str:
+    import polars as pl
+
+    from labelers.rubrics import all_dimensions
+    from pipelines.catalog import finished_partitions
+    from pipelines.corpora import latest_version, read_manifest
+    from pipelines.runs import finished_result, latest_run
+
+    layout = Layout(root)
+    out = [f"prefmill — outputs under {root}", ""]
+    parts = finished_partitions(layout, "candidate_images", "candidates.parquet")
+    cands = sum(pl.scan_parquet(layout.candidates(p)).select(pl.len()).collect().item() for p in parts)
+    out.append(f"candidates      {cands} in {len(parts)} partitions   {layout.asset_dir('candidate_images')}")
+    parts = finished_partitions(layout, "reward_labels", "labels.parquet")
+    if parts:
+        labels = pl.concat([pl.read_parquet(layout.labels(p)) for p in parts], how="diagonal_relaxed")
+        by_status = ", ".join(f"{s}={n}" for s, n in sorted(labels.group_by("status").len().iter_rows()))
+        out.append(f"labels          {len(labels)} ({by_status})   {layout.asset_dir('reward_labels')}")
+        ok = labels.filter(pl.col("status") == "ok")
+        dims = [d for d in all_dimensions() + ["clip_t", "clip_i", "lambda_harmonic", "reward"]
+                if d in ok.columns and ok[d].null_count() < len(ok)]
+        for dim in dims:
+            out.append(f"  mean {dim:<22} {ok[dim].mean():.4f}")
+    parts = finished_partitions(layout, "preference_pairs", "pairs.parquet")
+    pairs = sum(pl.scan_parquet(layout.pairs(p)).select(pl.len()).collect().item() for p in parts)
+    out.append(f"pairs           {pairs}   {layout.asset_dir('preference_pairs')}")
+    for corpus in ("sft_corpus", "preference_corpus"):
+        version = latest_version(layout.corpus_root(corpus))
+        if version:
+            manifest = read_manifest(layout.corpus_root(corpus) / version)
+            out.append(f"{corpus:<15} version {version}: {manifest['num_samples']} samples in "
+                       f"{len(manifest['shards'])} shards, drops {manifest['drops']}   {layout.corpus_root(corpus) / version}")
+    for trainer in ("sft", "dpo", "grpo"):
+        run = latest_run(layout, trainer)
+        if run:
+            result = finished_result(run)
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.get("final_metrics", {}).items()
+                                if isinstance(v, (int, float)))
+            out.append(f"{trainer}_run{'':<9} {result.get('steps')} steps, {metrics}   {run}")
+        evals = layout.eval_root(trainer) / run.name / "summary.json" if run else None
+        if evals and evals.exists():
+            s = json.loads(evals.read_text())
+            out.append(f"{trainer}_eval{'':<8} win rate reward={s['win_rate_reward']}, judge={s['win_rate_judge']}, "
+                       f"clip={s['win_rate_clip']}   {evals.parent}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary"])
+    parser.add_argument("--data", default=default_data_root())
+    parser.add_argument("--inbox", default=None)
+    args = parser.parse_args(argv)
+    inbox = Path(args.inbox or default_inbox(args.data))
+    if args.command == "seed-inbox":
+        for path in seed_inbox(inbox):
+            print(path)
+    elif args.command in ("register", "partitions"):
+        keys = register(inbox) if args.command == "register" else _registered()
+        print("\n".join(keys))
+    else:
+        print(summary(Path(args.data)))
+    return 0
+
+
+def _registered() -> list[str]:
+    from dagster import DagsterInstance
+
+    from pipelines.partitions import PROMPT_BATCH_PARTITIONS
+
+    with DagsterInstance.get() as instance:
+        return sorted(instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Batched, seeded image generation on any diffusers pipeline (the plumbing Dagster resources wrap).
+
+One ``torch.Generator`` per request, seeded with the request's seed, draws that request's initial noise, so an
+image depends on (model, params, text, seed[, source image]) and not on which other requests share its batch.
+Models load once in :meth:`ImageGenerator.setup` through ``DiffusionPipeline.from_pretrained`` (zoo references
+``zoo:<name>`` are resolved to local directories first), the same code path for the tiny zoo and real checkpoints.
+
+No torch/diffusers import at module level: Dagster's ``definitions.py`` imports this module.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from labelers.hashing import content_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    import PIL.Image
+
+KINDS = ("t2i", "edit")
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    key: str  # the caller's id for the image (e.g. a candidate_id)
+    text: str
+    seed: int
+    source_image: "PIL.Image.Image | None" = None  # required for edits
+
+
+class ImageGenerator:
+    """Loads a diffusers pipeline once and turns :class:`GenerationRequest` lists into PIL images.
+
+    ``generator_id`` identifies the *results* (model reference, kind, sampling params, loaded LoRA), not the
+    hardware: ``device`` and ``batch_size`` are left out of it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        kind: str = "t2i",
+        device: str = "cpu",
+        dtype: str = "float32",
+        steps: int = 8,
+        guidance_scale: float = 5.0,
+        image_guidance_scale: float = 1.5,
+        width: int = 64,
+        height: int = 64,
+        batch_size: int = 8,
+        negative_prompt: str | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if int(batch_size) < 1 or int(steps) < 1:
+            raise ValueError("batch_size and steps must be >= 1")
+        self.model = model
+        self.kind = kind
+        self.device = device
+        self.dtype = _DTYPES[dtype]
+        self.steps = int(steps)
+        self.guidance_scale = float(guidance_scale)
+        self.image_guidance_scale = float(image_guidance_scale)
+        self.width = int(width)
+        self.height = int(height)
+        self.batch_size = int(batch_size)
+        self.negative_prompt = negative_prompt
+        self._pipe: Any = None
+        self._call_params: frozenset[str] = frozenset()
+        self._lora: dict[str, str] | None = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def params(self) -> dict[str, Any]:
+        """The sampling parameters (JSON-able), as stored with each candidate."""
+        p: dict[str, Any] = {
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "negative_prompt": self.negative_prompt,
+            "dtype": self.dtype,
+        }
+        if self.kind == "edit":
+            p["image_guidance_scale"] = self.image_guidance_scale
+        if self._lora is not None:
+            p["lora_sha256"] = self._lora["sha256"]  # content, not path: a copied adapter keeps its id
+        return p
+
+    @property
+    def generator_id(self) -> str:
+        return content_id("generator", self.model, self.kind, self.params)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_setup(self) -> bool:
+        return self._pipe is not None
+
+    def setup(self) -> None:
+        """Load the pipeline once (idempotent)."""
+        if self._pipe is not None:
+            return
+        import torch
+        from diffusers import DiffusionPipeline
+
+        from pipelines.zoo import resolve_model
+
+        torch_dtype = getattr(torch, self.dtype)
+        pipe = DiffusionPipeline.from_pretrained(resolve_model(self.model), torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.device)
+        self._call_params = frozenset(inspect.signature(pipe.__call__).parameters)
+        if self.kind == "edit" and "image" not in self._call_params:
+            raise ValueError(f"{type(pipe).__name__} ({self.model}) takes no source image: not an edit pipeline")
+        self._pipe = pipe
+
+    def teardown(self) -> None:
+        """Free the pipeline (and cached accelerator memory)."""
+        if self._pipe is None:
+            return
+        device = str(self.device)
+        self._pipe = None
+        self._lora = None
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipe is None:
+            raise RuntimeError("ImageGenerator.setup() has not been called")
+        return self._pipe
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[GenerationRequest]) -> list["PIL.Image.Image"]:
+        """One image per request, in order; processed in batches of ``batch_size``."""
+        requests = list(requests)
+        if self.kind == "edit":
+            missing = [r.key for r in requests if r.source_image is None]
+            if missing:
+                raise ValueError(f"edit generation needs a source_image; missing for key(s): {', '.join(missing)}")
+        if not requests:
+            return []
+        self.setup()
+        images: list[PIL.Image.Image] = []
+        for start in range(0, len(requests), self.batch_size):
+            images.extend(self._generate_batch(requests[start : start + self.batch_size]))
+        return images
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
+        import torch
+
+        pipe = self.pipeline
+        # Noise is drawn on the CPU from a CPU generator: identical initial latents on every device.
+        generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in batch]
+        kwargs: dict[str, Any] = {
+            "prompt": [r.text for r in batch],
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "generator": generators,
+            "output_type": "pil",
+        }
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = [self.negative_prompt] * len(batch)
+        if self.kind == "edit":
+            kwargs["image"] = [self._prepare_source(r.source_image) for r in batch]
+            kwargs["image_guidance_scale"] = self.image_guidance_scale
+        # Different pipelines accept different subsets (InstructPix2Pix has no width/height, FLUX no negatives).
+        kwargs = {k: v for k, v in kwargs.items() if k in self._call_params}
+        with torch.inference_mode():
+            out = pipe(**kwargs)
+        images = [im.convert("RGB") for im in out.images]
+        if len(images) != len(batch):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(batch)} requests")
+        return [im if im.size == (self.width, self.height) else im.resize((self.width, self.height)) for im in images]
+
+    def _prepare_source(self, image: "PIL.Image.Image") -> "PIL.Image.Image":
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if image.size != (self.width, self.height):
+            image = image.resize((self.width, self.height), Image.Resampling.LANCZOS)
+        return image
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, lora_dir: str) -> None:
+        """Load a diffusers-format LoRA (``pytorch_lora_weights.safetensors``); replaces any loaded one."""
+        pipe = self.pipeline
+        if self._lora is not None:
+            self.unload_lora()
+        path = Path(lora_dir)
+        pipe.load_lora_weights(str(path))
+        self._lora = {"path": str(path.resolve()) if path.exists() else str(lora_dir), "sha256": _dir_digest(path)}
+
+    def unload_lora(self) -> None:
+        if self._pipe is None or self._lora is None:
+            self._lora = None
+            return
+        self._pipe.unload_lora_weights()
+        self._lora = None
+
+    @property
+    def lora(self) -> dict[str, str] | None:
+        return dict(self._lora) if self._lora else None
+
+
+def _dir_digest(path: Path) -> str:
+    """sha256 over the LoRA weight files, so the generator_id follows the adapter's content, not its path."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.safetensors") if p.is_file()) if path.is_dir() else []
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest() if files else ""
+
+
+__all__ = ["GenerationRequest", "ImageGenerator", "KINDS"]

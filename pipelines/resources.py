@@ -1,0 +1,146 @@
+"""Dagster resources that own the models. Each loads its models lazily, once per step process, and frees them
+at teardown; nothing heavy is imported when this module loads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from pipelines.paths import Layout, default_data_root, default_inbox
+from pipelines.profiles import DEFAULT_PROFILE, PROFILE_ENV, load_profile
+
+
+def _profile_field() -> Any:
+    return dg.EnvVar(PROFILE_ENV).get_value(DEFAULT_PROFILE)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where every asset writes: one folder per asset under ``root`` (``PREFMILL_DATA``, default ``./data``)."""
+
+    root: str
+    inbox: str = ""  # where prompt batch files arrive; default PREFMILL_INBOX or <root>/inbox
+
+    @property
+    def inbox_dir(self) -> str:
+        return self.inbox or default_inbox(self.root)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.root)
+
+
+class ProfileResource(dg.ConfigurableResource):
+    """The model and batch settings of this setup: a profile name (``pipelines/profiles/<name>.yaml``) or path."""
+
+    name: str = DEFAULT_PROFILE
+
+    def settings(self) -> dict[str, Any]:
+        return load_profile(self.name)
+
+
+class GeneratorResource(dg.ConfigurableResource):
+    """Diffusers pipelines per task, from the profile's ``generation.generators``."""
+
+    profile: ProfileResource
+    device: str | None = None  # overrides the profile's device (e.g. "cuda:1")
+    _generators: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def generator_spec(self, task: str) -> dict[str, Any]:
+        settings = self.profile.settings()
+        spec = dict(settings["generation"]["generators"][task])
+        spec.setdefault("device", self.device or settings.get("device", "cpu"))
+        spec.setdefault("dtype", settings.get("dtype", "float32"))
+        spec.setdefault("batch_size", settings["generation"].get("batch_size", 8))
+        return spec
+
+    def for_task(self, task: str):
+        """The ``ImageGenerator`` for a task; tasks that share a model and sampling settings share one pipeline."""
+        from pipelines.generation import ImageGenerator
+
+        spec = self.generator_spec(task)
+        spec.pop("reference_grid", None)
+        cache_key = repr(sorted(spec.items()))
+        if cache_key not in self._generators:
+            self._generators[cache_key] = ImageGenerator(**spec)
+        return self._generators[cache_key]
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for generator in self._generators.values():
+            generator.teardown()
+        self._generators.clear()
+
+
+class JudgeResource(dg.ConfigurableResource):
+    """The VLM judge backend named by the profile (transformers locally, vLLM on GPU nodes)."""
+
+    profile: ProfileResource
+    device: str | None = None
+    _judge: Any = PrivateAttr(default=None)
+
+    def judge(self):
+        if self._judge is None:
+            settings = self.profile.settings()
+            spec = dict(settings["judge"])
+            backend = spec.pop("backend")
+            if backend == "transformers":
+                from labelers.judge import TransformersJudge
+
+                spec.setdefault("device", self.device or settings.get("device", "cpu"))
+                spec.setdefault("dtype", settings.get("dtype", "float32"))
+                spec = {k: v for k, v in spec.items() if k in _init_params(TransformersJudge)}
+                self._judge = TransformersJudge(**spec)
+            elif backend == "vllm":
+                from labelers.judge import VllmJudge
+
+                spec = {k: v for k, v in spec.items() if k in _init_params(VllmJudge)}
+                self._judge = VllmJudge(**spec)
+            else:
+                raise ValueError(f"profile {self.profile.name!r}: unknown judge backend {backend!r}")
+            self._judge.setup()
+        return self._judge
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._judge = None
+
+
+class ClipResource(dg.ConfigurableResource):
+    """The CLIP scorer (open_clip or transformers CLIP) named by the profile."""
+
+    profile: ProfileResource
+    device: str | None = None
+    _scorer: Any = PrivateAttr(default=None)
+
+    def scorer(self):
+        if self._scorer is None:
+            from labelers.clip_scorer import ClipScorer
+
+            settings = self.profile.settings()
+            spec = settings["clip"]
+            self._scorer = ClipScorer(model=spec["model"], backend=spec.get("backend", "open_clip"),
+                                      device=self.device or settings.get("device", "cpu"),
+                                      batch_size=spec.get("batch_size", 32))
+            self._scorer.setup()
+        return self._scorer
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._scorer = None
+
+
+def _init_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def default_resources(data_root: str | None = None, profile: str | None = None) -> dict[str, Any]:
+    profile_resource = ProfileResource(name=profile or _profile_field())
+    return {
+        "storage": StorageResource(root=data_root or default_data_root()),
+        "profile": profile_resource,
+        "generator": GeneratorResource(profile=profile_resource),
+        "judge": JudgeResource(profile=profile_resource),
+        "clip": ClipResource(profile=profile_resource),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    }
