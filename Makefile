@@ -1,0 +1,55 @@
+# prefmill: `make demo` installs and runs the whole graph on the tiny offline profile; `make test` runs the tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DAGSTER := $(VENV)/bin/dagster
+# CPU machines: the local CPU build of torch (pip finds it through the machine's pip configuration); anything looser
+# pulls multi-GB CUDA wheels. On a GPU machine: make TORCH_SPEC='torch==2.13.0' EXTRAS=dev,gpu
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+PARTITIONED := prompt_batches,candidate_images,reward_labels,preference_pairs
+UNPARTITIONED := sft_corpus,preference_corpus,rl_prompt_pool,sft_run,dpo_run,grpo_run,sft_eval,dpo_eval,grpo_eval
+
+.PHONY: install zoo demo test test-fast dev clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+zoo: install
+	$(PY) -m pipelines.zoo
+
+demo: install zoo $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m pipelines.cli seed-inbox
+	@for key in $$($(PY) -m pipelines.cli register); do \
+	  echo "== materializing partition $$key"; \
+	  $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key"; \
+	done
+	@echo "== materializing corpora, training runs and evals"
+	$(DAGSTER) asset materialize -m pipelines.definitions --select "$(UNPARTITIONED)"
+	@$(PY) -m pipelines.cli summary
+
+test: install zoo
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+dev: install zoo $(DAGSTER_HOME)/dagster.yaml
+	$(DAGSTER) dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+
+clean:
+	rm -rf data .dagster_home
