@@ -1,0 +1,180 @@
+"""The whole asset graph on one small partition of the bundled samples, on the tiny profile, into tmp_path;
+every output checked against DESIGN.md's data contracts."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from pipelines.definitions import ALL_ASSETS
+from pipelines.partitions import PROMPT_BATCH_PARTITIONS
+from pipelines.paths import SAMPLES_DIR
+from pipelines.resources import default_resources
+
+pytestmark = pytest.mark.slow
+
+PARTITIONED = {"prompt_batches", "candidate_images", "reward_labels", "preference_pairs"}
+# per task: train prompts, held-out prompts
+QUOTA = {"t2i": (3, 1), "edit": (1, 0), "multi_ref": (2, 1)}
+
+
+def _small_batch(inbox: Path) -> None:
+    """A few prompts of every task from the bundled samples, image paths made absolute."""
+    picked, counts = [], {}
+    for path in sorted((SAMPLES_DIR).rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            slot = (row["task"], row.get("split", "train"))
+            want = QUOTA[row["task"]][0 if slot[1] == "train" else 1]
+            if counts.get(slot, 0) >= want:
+                continue
+            counts[slot] = counts.get(slot, 0) + 1
+            if row.get("source_image"):
+                row["source_image"] = str((path.parent / row["source_image"]).resolve())
+            row["reference_images"] = [str((path.parent / r).resolve()) for r in row.get("reference_images") or []]
+            picked.append(row)
+    inbox.mkdir(parents=True)
+    (inbox / "e2e.jsonl").write_text("\n".join(json.dumps(r) for r in picked) + "\n")
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = tmp / "data"
+    _small_batch(data / "inbox")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(PROMPT_BATCH_PARTITIONS, ["e2e"])
+    resources = default_resources(str(data), "tiny")
+    first = dg.materialize([a for a in ALL_ASSETS if a.key.to_user_string() in PARTITIONED], partition_key="e2e",
+                           instance=instance, resources=resources)
+    rest = [a for a in ALL_ASSETS if a.key.to_user_string() not in PARTITIONED]
+    second = dg.materialize(rest, instance=instance, resources=resources)
+    return data, first, second, instance
+
+
+def _meta(result, asset):
+    return result.asset_materializations_for_node(asset)[0].metadata
+
+
+def test_every_asset_materialized(graph_run):
+    _, first, second, _ = graph_run
+    assert first.success and second.success
+    done = {e.asset_key.to_user_string() for r in (first, second) for e in r.get_asset_materialization_events()}
+    assert done == {a.key.to_user_string() for a in ALL_ASSETS}
+
+
+def test_prompts_candidates_labels_pairs_follow_the_contracts(graph_run):
+    from labelers.rubrics import all_dimensions
+    from pipelines.io import file_sha256, read_shard
+    from labelers.hashing import bytes_sha256
+
+    data, _, _, _ = graph_run
+    prompts = pl.read_parquet(data / "prompt_batches/e2e/prompts.parquet")
+    assert prompts.columns == ["prompt_id", "task", "text", "source_image", "reference_images", "reference_types",
+                               "tags", "split"]
+    assert len(prompts) == sum(a + b for a, b in QUOTA.values())
+
+    candidates = pl.read_parquet(data / "candidate_images/e2e/candidates.parquet")
+    for column in ("candidate_id", "prompt_id", "generator_id", "seed", "params", "width", "height",
+                   "image_sha256", "shard", "key"):
+        assert column in candidates.columns
+    assert len(candidates) == 4 * len(prompts) and candidates["candidate_id"].n_unique() == len(candidates)
+    stored = {}
+    for tar in sorted((data / "candidate_images/e2e/shards").glob("*.tar")):
+        for sample in read_shard(tar):
+            stored[sample["__key__"]] = bytes_sha256(sample["png"])
+    assert stored == dict(zip(candidates["key"], candidates["image_sha256"]))
+
+    labels = pl.read_parquet(data / "reward_labels/e2e/labels.parquet")
+    required = ["candidate_id", "prompt_id", "judge_id", "clip_t", "clip_i", "clip_i_per_ref", "lambda_harmonic",
+                "reward", "status", "error"]
+    for dim in all_dimensions():
+        required += [dim, f"{dim}_feedback"]
+    assert set(required) <= set(labels.columns)
+    assert len(labels) == len(candidates)
+    ok = labels.filter(pl.col("status") == "ok")
+    assert len(ok) > 0 and set(labels["status"].unique()) <= {"ok", "parse_error", "image_error"}
+    for row in ok.iter_rows(named=True):
+        task_dims = [d for d in all_dimensions() if row[d] is not None]
+        assert len(task_dims) == 3 and all(0 <= row[d] <= 5 for d in task_dims)
+        assert all(isinstance(row[f"{d}_feedback"], str) for d in task_dims)
+        assert row["reward"] is not None and row["lambda_harmonic"] is not None
+
+    pairs = pl.read_parquet(data / "preference_pairs/e2e/pairs.parquet")
+    assert pairs.columns == ["pair_id", "prompt_id", "chosen_id", "rejected_id", "p_chosen", "margin", "strategy",
+                             "label"]
+    assert len(pairs) > 0 and (pairs["p_chosen"] >= 0.5).all() and (pairs["margin"] >= 0).all()
+    heldout = set(prompts.filter(pl.col("split") == "heldout")["prompt_id"])
+    assert not set(pairs["prompt_id"]) & heldout
+
+
+@pytest.mark.parametrize("corpus", ["sft_corpus", "preference_corpus"])
+def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, corpus):
+    import datasets
+    import webdataset as wds
+
+    from pipelines.io import file_sha256
+
+    data, _, _, _ = graph_run
+    root = data / "corpora" / corpus
+    version = (root / "latest").read_text().strip()
+    version_dir = root / version
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["inputs"] == ["e2e"] and "drops" in manifest
+    shards = sorted((version_dir / "shards").glob("*.tar"))
+    assert [s.name for s in shards] == [s["shard"] for s in manifest["shards"]]
+    for shard, info in zip(shards, manifest["shards"]):
+        assert file_sha256(shard) == info["sha256"]
+    index = pl.read_parquet(version_dir / "index.parquet")
+    assert len(index) == manifest["num_samples"] > 0
+
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in samples] == index["key"].to_list()
+    hf = datasets.load_dataset("webdataset", data_files={"train": [str(s) for s in shards]}, split="train")
+    assert len(hf) == len(index)
+    if corpus == "sft_corpus":
+        assert {"jpg", "txt", "json"} <= set(samples[0])
+        meta = samples[0]["json"]
+        assert "reward" in meta and "lambda_harmonic" in meta
+        assert {"jpg", "txt", "json"} <= set(hf.column_names)
+    else:
+        for sample in samples:
+            assert {"jpg_0.jpg", "jpg_1.jpg", "caption.txt", "label_0.txt", "label_1.txt", "json"} <= set(sample)
+            assert {sample["label_0.txt"], sample["label_1.txt"]} in ({"1", "0"}, {"0.5"})
+            if sample["json"]["task"] == "edit":
+                assert "src.jpg" in sample
+            if sample["json"]["task"] == "multi_ref":
+                assert "ref_0.jpg" in sample
+        assert {"jpg_0.jpg", "jpg_1.jpg", "caption.txt", "label_0.txt", "label_1.txt"} <= set(hf.column_names)
+
+
+def test_training_runs_and_evals_wrote_their_outputs(graph_run):
+    from safetensors.torch import load_file
+
+    data, _, second, _ = graph_run
+    for trainer in ("sft", "dpo", "grpo"):
+        run = data / "runs" / trainer / (data / "runs" / trainer / "latest").read_text().strip()
+        result = json.loads((run / "result.json").read_text())
+        adapter = Path(result["adapter_dir"]) / "pytorch_lora_weights.safetensors"
+        assert adapter.exists() and len(load_file(str(adapter))) > 0
+        lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        assert lines and all(isinstance(l.get("step"), int) for l in lines)
+        summary = json.loads((data / "evals" / trainer / run.name / "summary.json").read_text())
+        assert summary["num_images"] > 0
+        assert set(summary["mean"]) == {"base", "trained"}
+        meta = _meta(second, f"{trainer}_eval")
+        assert "win_rate_reward" in meta
+
+
+def test_rematerializing_reuses_versions_and_runs(graph_run):
+    data, _, _, instance = graph_run
+    resources = default_resources(str(data), "tiny")
+    wanted = {"sft_corpus", "preference_corpus", "sft_run"}
+    again = dg.materialize([a for a in ALL_ASSETS if a.key.to_user_string() in wanted], instance=instance,
+                           resources=resources)
+    assert again.success
+    assert _meta(again, "sft_corpus")["created"].value is False
+    assert _meta(again, "preference_corpus")["created"].value is False
+    assert _meta(again, "sft_run")["reused"].value is True
