@@ -10,9 +10,12 @@ No torch/diffusers import at module level: Dagster's ``definitions.py`` imports 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import inspect
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,7 @@ class ImageGenerator:
         height: int = 64,
         batch_size: int = 8,
         negative_prompt: str | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -73,6 +77,10 @@ class ImageGenerator:
         self.height = int(height)
         self.batch_size = int(batch_size)
         self.negative_prompt = negative_prompt
+        # torch intra-op threads for CPU runs (None: leave torch's default). Several processes each using every
+        # core (e.g. parallel partitions on a small machine) slow each other down many times over: set it to
+        # cores // processes there. Not part of generator_id.
+        self.cpu_threads = cpu_threads
         self._pipe: Any = None
         self._call_params: frozenset[str] = frozenset()
         self._lora: dict[str, str] | None = None
@@ -114,7 +122,8 @@ class ImageGenerator:
         from pipelines.zoo import resolve_model
 
         torch_dtype = getattr(torch, self.dtype)
-        pipe = DiffusionPipeline.from_pretrained(resolve_model(self.model), torch_dtype=torch_dtype)
+        with _quiet_loading(), self._threads():
+            pipe = DiffusionPipeline.from_pretrained(resolve_model(self.model), torch_dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(self.device)
         self._call_params = frozenset(inspect.signature(pipe.__call__).parameters)
@@ -153,9 +162,31 @@ class ImageGenerator:
             return []
         self.setup()
         images: list[PIL.Image.Image] = []
-        for start in range(0, len(requests), self.batch_size):
-            images.extend(self._generate_batch(requests[start : start + self.batch_size]))
+        with self._threads():
+            for start in range(0, len(requests), self.batch_size):
+                batch = requests[start : start + self.batch_size]
+                n = len(batch)
+                # Pad the last batch to the full batch shape (copies of its last request, outputs dropped): float
+                # kernels pick different code paths per tensor shape, so a fixed shape makes every image
+                # bit-identical however the requests were grouped or ordered (e.g. a resumed partition).
+                batch = batch + [batch[-1]] * (self.batch_size - n)
+                images.extend(self._generate_batch(batch)[:n])
         return images
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """``torch.set_num_threads(cpu_threads)`` for the block on CPU, restored afterwards."""
+        if not self.cpu_threads or not str(self.device).startswith("cpu"):
+            yield
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(self.cpu_threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def _generate_batch(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
         import torch
@@ -214,6 +245,26 @@ class ImageGenerator:
     @property
     def lora(self) -> dict[str, str] | None:
         return dict(self._lora) if self._lora else None
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No loading progress bars, no ``torch_dtype`` rename warning (newer diffusers call it ``dtype``)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_off, t_off = not dlog.is_progress_bar_enabled(), not tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        if not d_off:
+            dlog.enable_progress_bar()
+        if not t_off:
+            tlog.enable_progress_bar()
 
 
 def _dir_digest(path: Path) -> str:

@@ -49,7 +49,8 @@ def _shard_names_from_manifest(manifest: Any) -> list[str]:
 
 
 def corpus_shards(corpus_dir: str | os.PathLike) -> list[str]:
-    """Absolute paths of the corpus' shard tars, in manifest order (else sorted ``shards/*.tar``)."""
+    """Absolute paths of the corpus' shard tars: in manifest order, else in ``index.parquet``'s ``shard`` order,
+    else sorted ``shards/*.tar``."""
     root = Path(corpus_dir)
     manifest_path = root / "manifest.json"
     paths: list[str] = []
@@ -65,6 +66,18 @@ def corpus_shards(corpus_dir: str | os.PathLike) -> list[str]:
             if found is None:
                 raise FileNotFoundError(f"{manifest_path} lists shard {name!r}, which is missing")
             paths.append(str(found))
+    if not paths and (root / "index.parquet").is_file():
+        import polars as pl
+
+        index = pl.read_parquet(root / "index.parquet")
+        if "shard" in index.columns:
+            names = list(dict.fromkeys(str(n) for n in index["shard"].to_list()))  # first-seen order
+            for name in names:
+                p = Path(name)
+                cands = [p] if p.is_absolute() else [root / p, root / "shards" / p, root / "shards" / p.name]
+                found = next((c for c in cands if c.is_file()), None)
+                if found is not None:
+                    paths.append(str(found))
     if not paths:
         paths = sorted(glob.glob(str(root / "shards" / "*.tar")))
     if not paths:

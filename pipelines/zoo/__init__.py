@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -183,7 +184,7 @@ def component_stats(path: Path) -> dict[str, int]:
 
 def _safetensors_numel(path: Path) -> int:
     with open(path, "rb") as fh:
-        (n,) = __import__("struct").unpack("<Q", fh.read(8))
+        (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     total = 0
     for key, meta in header.items():

@@ -13,6 +13,7 @@ the 49408-token text embedding of open_clip's bundled BPE vocabulary).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def build_clip(out_dir: Path) -> None:
         json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2) + "\n", encoding="utf-8"
     )
     torch.manual_seed(SEED)
-    # Build through the same factory (and config file) the loader uses, so the state dict matches exactly.
-    model = open_clip.create_model("local-dir:" + str(out_dir), load_weights=False)
+    # The class open_clip's factory instantiates for this config (a plain CLIP); the loader checks the state
+    # dict strictly, so any mismatch would fail loudly at load time (tested).
+    model = open_clip.model.CLIP(**copy.deepcopy(MODEL_CFG)).eval()
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "open_clip_model.safetensors"), metadata={"format": "pt"})

@@ -194,7 +194,15 @@ def _build(out_dir: Path, pipeline_cls_name: str, unet_in_channels: int) -> Path
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    import transformers.utils.logging as tlog
+
+    bars_on = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # no "Writing model shards" bar per component
+    try:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if bars_on:
+            tlog.enable_progress_bar()
     # Also keep the classic vocab files beside tokenizer.json, as hub SD checkpoints have them.
     write_clip_vocab_files(out_dir / "tokenizer")
     return out_dir

@@ -302,6 +302,9 @@ def build_processor(tokenizer=None):
 
 def build_judge(out_dir: Path) -> None:
     """Write a tiny random Qwen2.5-VL judge (model + processor) into ``out_dir`` (created if missing)."""
+    from labelers import torch_compat
+
+    torch_compat.install()
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 

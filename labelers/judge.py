@@ -1,0 +1,726 @@
+"""VLM judges: score an image on a task's rubric dimensions (0–5 each) with one sentence of feedback per dimension.
+
+Backends share the data types, the prompt and the parser:
+
+* :class:`TransformersJudge`: ``AutoProcessor`` + ``AutoModelForImageTextToText`` loaded once in ``setup()``;
+  batched generation with left padding and grammar-constrained decoding through xgrammar (a per-sequence
+  ``GrammarMatcher`` applied as a logits processor), so even a random model produces schema-valid JSON.
+* :class:`VllmJudge`: vLLM's offline engine (GPU extra) with structured JSON output and prefix caching.
+
+Every output goes through :func:`parse_judgement`. A bad output is retried (sampling, another seed) up to
+``max_retries`` times and then reported as ``parse_error`` with the raw text and the reason — never a silent
+score. Items without a readable image are ``image_error`` and never reach the model.
+
+Messages put the rubric *and* the JSON schema in the system message (identical for every item of a task), then
+the images and the per-item text, so the shared prefix is as long as possible for prefix caching.
+
+Heavy imports (torch, transformers, xgrammar, vllm) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labelers.hashing import content_id
+from labelers.rubrics import SCORE_MAX, SCORE_MIN, Rubric, load_rubric
+
+STATUS_OK = "ok"
+STATUS_PARSE_ERROR = "parse_error"
+STATUS_IMAGE_ERROR = "image_error"
+STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_IMAGE_ERROR)
+
+FEEDBACK_MAX_CHARS = 120
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data types
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class JudgeItem:
+    """One candidate to judge. ``image`` is the generated image (PIL, or ``None`` when it could not be decoded);
+    ``source_image`` is the edit source (task ``edit``); ``reference_images`` the references (task ``multi_ref``),
+    optionally typed by ``reference_types`` (subject, style, background, pose, ...)."""
+
+    key: str
+    task: str
+    text: str
+    image: Any | None
+    source_image: Any | None = None
+    reference_images: Sequence[Any] = ()
+    reference_types: Sequence[str] = ()
+
+
+@dataclass
+class JudgeResult:
+    key: str
+    status: str
+    scores: dict[str, float] = field(default_factory=dict)
+    feedback: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+    error: str | None = None
+    attempts: int = 0  # generations spent on this item (0 for image_error)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+class JudgementParseError(ValueError):
+    """A judge output is not a valid judgement; ``reason`` says why in one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema, parsing, ids
+# ----------------------------------------------------------------------------------------------------------------
+def feedback_pattern(max_chars: int = FEEDBACK_MAX_CHARS) -> str:
+    """Regex of a feedback string: 1..max_chars characters, no control characters, quotes or backslashes."""
+    return '^[^\\x00-\\x1f"\\\\]{1,%d}$' % int(max_chars)
+
+
+def judgement_schema(rubric: Rubric, feedback_max_chars: int = FEEDBACK_MAX_CHARS) -> dict:
+    """JSON schema of a judgement: one required property per dimension, ``{"score": int 0..5, "feedback": str}``.
+
+    ``feedback`` is bounded to ``feedback_max_chars`` so even a random model terminates. The bound is a
+    ``pattern`` (``^[^\\x00-\\x1f"\\\\]{1,N}$``), not ``maxLength``: xgrammar 0.2.8 does enforce ``maxLength``,
+    but its bounded-string rule admits raw control characters (tabs, ``\\x01``...), which a random model emits
+    and which make the output invalid strict JSON; with both keywords xgrammar ignores ``maxLength`` (warning).
+    The pattern keeps constrained output strict JSON on xgrammar and vLLM's backends alike.
+    """
+    dim_schema = {
+        "type": "object",
+        "properties": {
+            "score": {"type": "integer", "minimum": SCORE_MIN, "maximum": SCORE_MAX},
+            "feedback": {"type": "string", "pattern": feedback_pattern(feedback_max_chars)},
+        },
+        "required": ["score", "feedback"],
+        "additionalProperties": False,
+    }
+    names = list(rubric.dimension_names)
+    return {
+        "title": f"judgement_{rubric.task}_v{rubric.version}",
+        "type": "object",
+        "properties": {name: dim_schema for name in names},
+        "required": names,
+        "additionalProperties": False,
+    }
+
+
+_FENCE_RE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise JudgementParseError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[str, str]]:
+    """Validate a judge output against ``rubric``; returns ``(scores, feedback)`` keyed by dimension.
+
+    Raises :class:`JudgementParseError` on: empty output, text that is not JSON, truncated JSON, a non-object,
+    duplicate / missing / unexpected keys, a score that is not a number in [0, 5] (booleans and NaN included),
+    feedback that is not a string. A single surrounding Markdown code fence (```json ... ```) is tolerated —
+    unconstrained backends (an OpenAI-compatible endpoint) often add one. Pure function.
+    """
+    if not isinstance(raw, str):
+        raise JudgementParseError(f"output is {type(raw).__name__}, not text")
+    text = raw.strip()
+    if not text:
+        raise JudgementParseError("empty output")
+    fence = _FENCE_RE.match(text)
+    if fence:
+        text = fence.group(1).strip()
+    try:
+        # strict=False: raw control characters inside strings are tolerated (cleaned from the feedback below).
+        data = json.loads(text, strict=False, object_pairs_hook=_no_duplicate_keys)
+    except JudgementParseError:
+        raise
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text) or e.msg.startswith("Unterminated string"):
+            raise JudgementParseError(f"truncated JSON ({e.msg} at char {e.pos} of {len(text)})") from None
+        raise JudgementParseError(f"not JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
+    if not isinstance(data, dict):
+        raise JudgementParseError(f"expected a JSON object, got {type(data).__name__}")
+    names = list(rubric.dimension_names)
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise JudgementParseError(f"missing dimension(s) {missing}")
+    extra = sorted(k for k in data if k not in names)
+    if extra:
+        raise JudgementParseError(f"unexpected key(s) {extra}")
+    scores: dict[str, float] = {}
+    feedback: dict[str, str] = {}
+    for name in names:
+        entry = data[name]
+        if not isinstance(entry, dict):
+            raise JudgementParseError(f"{name}: expected an object with score and feedback, got {type(entry).__name__}")
+        missing_fields = [f for f in ("score", "feedback") if f not in entry]
+        if missing_fields:
+            raise JudgementParseError(f"{name}: missing field(s) {missing_fields}")
+        extra_fields = sorted(k for k in entry if k not in ("score", "feedback"))
+        if extra_fields:
+            raise JudgementParseError(f"{name}: unexpected field(s) {extra_fields}")
+        score = entry["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise JudgementParseError(f"{name}: score {score!r} is not a number")
+        if not math.isfinite(score) or not SCORE_MIN <= score <= SCORE_MAX:
+            raise JudgementParseError(f"{name}: score {score!r} outside [{SCORE_MIN}, {SCORE_MAX}]")
+        fb = entry["feedback"]
+        if not isinstance(fb, str):
+            raise JudgementParseError(f"{name}: feedback is {type(fb).__name__}, not a string")
+        scores[name] = float(score)
+        feedback[name] = " ".join(_CONTROL_RE.sub(" ", fb).split())
+    return scores, feedback
+
+
+def judge_id(model_ref: str, rubric: Rubric) -> str:
+    """Deterministic id of (judge model, rubric content): labels made with a different model or rubric differ."""
+    return content_id("judge", str(model_ref), rubric.task, rubric.version, rubric.fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompting
+# ----------------------------------------------------------------------------------------------------------------
+def system_prompt(rubric: Rubric, feedback_max_chars: int = FEEDBACK_MAX_CHARS) -> str:
+    """The task-constant system text: rubric, dimensions, answer format and schema (the shared prefix)."""
+    dims = "\n".join(f"- {d.name}: {d.description}" for d in rubric.dimensions)
+    keys = ", ".join(f'"{n}"' for n in rubric.dimension_names)
+    schema = json.dumps(judgement_schema(rubric, feedback_max_chars), separators=(",", ":"))
+    return (
+        f"{rubric.system}\n\n"
+        f"Dimensions:\n{dims}\n\n"
+        f"Answer with one JSON object with exactly the keys {keys}. Each value is an object "
+        f'{{"score": <integer {SCORE_MIN}-{SCORE_MAX}>, "feedback": "<one sentence, at most {feedback_max_chars} '
+        f'characters>"}}.\nJSON schema: {schema}'
+    )
+
+
+def _image_part(image: Any) -> dict:
+    return {"type": "image", "image": image}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def build_messages(item: JudgeItem, rubric: Rubric, feedback_max_chars: int = FEEDBACK_MAX_CHARS) -> list[dict]:
+    """Chat messages for one item: system = rubric + schema (shared by all items of the task); user = images
+    (references or source first, then the candidate) and the item's text."""
+    content: list[dict] = []
+    if item.task == "edit":
+        content += [_text_part("Source image:"), _image_part(item.source_image)]
+        content += [_text_part("\nEdited image:"), _image_part(item.image)]
+        content.append(_text_part(f"\nEdit instruction: {item.text}\nJudge the edited image."))
+    elif item.task == "multi_ref":
+        types = list(item.reference_types) + [""] * (len(item.reference_images) - len(item.reference_types))
+        for i, (ref, rtype) in enumerate(zip(item.reference_images, types), start=1):
+            label = f"Reference {i} ({rtype}):" if rtype else f"Reference {i}:"
+            content += [_text_part(("\n" if i > 1 else "") + label), _image_part(ref)]
+        content += [_text_part("\nGenerated image:"), _image_part(item.image)]
+        content.append(_text_part(f"\nPrompt: {item.text}\nJudge the generated image."))
+    else:
+        content += [_text_part("Generated image:"), _image_part(item.image)]
+        content.append(_text_part(f"\nPrompt: {item.text}\nJudge the generated image."))
+    return [
+        {"role": "system", "content": [_text_part(system_prompt(rubric, feedback_max_chars))]},
+        {"role": "user", "content": content},
+    ]
+
+
+def message_images(messages: Iterable[dict]) -> list[Any]:
+    """The images of ``messages`` in the order the chat template places their placeholders."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            out += [part["image"] for part in content if part.get("type") == "image"]
+    return out
+
+
+def _load_image(image: Any, what: str) -> tuple[Any | None, str | None]:
+    """(RGB PIL image, None) or (None, reason). Accepts PIL images, paths and encoded bytes."""
+    from PIL import Image
+
+    if image is None:
+        return None, f"missing {what}"
+    if isinstance(image, BaseException):  # a loader's error handed over in place of the image
+        return None, f"unreadable {what}: {type(image).__name__}: {image}"
+    try:
+        if isinstance(image, Image.Image):
+            image.load()
+            return image.convert("RGB"), None
+        if isinstance(image, (bytes, bytearray)):
+            import io
+
+            with Image.open(io.BytesIO(image)) as im:
+                return im.convert("RGB"), None
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as im:
+                return im.convert("RGB"), None
+    except Exception as e:  # noqa: BLE001 - any decoding failure makes the item unjudgeable
+        return None, f"unreadable {what}: {type(e).__name__}: {e}"
+    return None, f"unsupported {what} type {type(image).__name__}"
+
+
+def prepare_item(item: JudgeItem) -> tuple[JudgeItem | None, str | None]:
+    """Decode every image of ``item``; returns (item with RGB PIL images, None) or (None, image error)."""
+    image, err = _load_image(item.image, "image")
+    if err:
+        return None, err
+    source = None
+    if item.task == "edit":
+        source, err = _load_image(item.source_image, "source image")
+        if err:
+            return None, err
+    refs = []
+    if item.task == "multi_ref":
+        if not item.reference_images:
+            return None, "multi_ref item without reference images"
+        for i, ref in enumerate(item.reference_images):
+            img, err = _load_image(ref, f"reference image {i}")
+            if err:
+                return None, err
+            refs.append(img)
+    return (
+        JudgeItem(
+            key=item.key,
+            task=item.task,
+            text=item.text,
+            image=image,
+            source_image=source,
+            reference_images=tuple(refs),
+            reference_types=tuple(item.reference_types),
+        ),
+        None,
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``torch.set_num_threads(n)`` and restore the previous value (``None``: no change).
+
+    Tiny models on a shared CPU are dominated by OpenMP synchronisation: measured on 2 busy cores, judging 8
+    images took ~5-16 s with 2 threads and ~0.65 s with 1.
+    """
+    if not n:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def resolve_model_path(ref: str) -> str:
+    """``zoo:<name>`` -> the built zoo directory (``pipelines.zoo.resolve_model``, imported only then);
+    anything else (a local directory, a hub id) unchanged."""
+    if isinstance(ref, str) and ref.startswith("zoo:"):
+        from pipelines.zoo import resolve_model
+
+        return resolve_model(ref)
+    return ref
+
+
+def _chunks(seq: list, size: int) -> Iterable[list]:
+    for i in range(0, len(seq), max(1, size)):
+        yield seq[i : i + size]
+
+
+class _JudgeBase:
+    """Shared driver: image checks, per-task batching, parsing and retries. Subclasses implement
+    ``_generate(items, rubric, attempt, batch_index) -> list[str]``."""
+
+    model_ref: str
+    batch_size: int
+    max_retries: int
+    feedback_max_chars: int
+    rubric_dir: str | Path | None
+
+    def rubric(self, task: str) -> Rubric:
+        return load_rubric(task, self.rubric_dir)
+
+    def judge_id_for(self, task: str) -> str:
+        return judge_id(self.model_ref, self.rubric(task))
+
+    def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
+        raise NotImplementedError
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
+        """Judge ``items``; one result per item, in input order."""
+        results: dict[int, JudgeResult] = {}
+        ready: list[tuple[int, JudgeItem]] = []
+        for idx, item in enumerate(items):
+            prepared, err = prepare_item(item)
+            if err:
+                results[idx] = JudgeResult(key=item.key, status=STATUS_IMAGE_ERROR, error=err)
+            else:
+                ready.append((idx, prepared))
+        by_task: dict[str, list[tuple[int, JudgeItem]]] = {}
+        for idx, it in ready:
+            by_task.setdefault(it.task, []).append((idx, it))
+        for task, pending in by_task.items():
+            rubric = self.rubric(task)
+            last: dict[int, tuple[str, str]] = {}
+            for attempt in range(self.max_retries + 1):
+                if not pending:
+                    break
+                failed: list[tuple[int, JudgeItem]] = []
+                for b, chunk in enumerate(_chunks(pending, self.batch_size)):
+                    raws = self._generate([it for _, it in chunk], rubric, attempt, b)
+                    if len(raws) != len(chunk):
+                        raise RuntimeError(f"judge backend returned {len(raws)} outputs for {len(chunk)} prompts")
+                    for (idx, it), raw in zip(chunk, raws):
+                        try:
+                            scores, feedback = parse_judgement(raw, rubric)
+                        except JudgementParseError as e:
+                            last[idx] = (raw, e.reason)
+                            failed.append((idx, it))
+                            continue
+                        results[idx] = JudgeResult(
+                            key=it.key, status=STATUS_OK, scores=scores, feedback=feedback, raw=raw,
+                            attempts=attempt + 1,
+                        )
+                pending = failed
+            for idx, it in pending:
+                raw, reason = last[idx]
+                results[idx] = JudgeResult(
+                    key=it.key, status=STATUS_PARSE_ERROR, raw=raw, attempts=self.max_retries + 1,
+                    error=f"{reason} (after {self.max_retries + 1} attempts)",
+                )
+        return [results[i] for i in range(len(items))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers backend
+# ----------------------------------------------------------------------------------------------------------------
+def _make_grammar_processor(compiled_grammar: Any, batch_size: int, vocab_size: int, stop_token_ids: list[int]):
+    """A ``transformers.LogitsProcessor`` with one xgrammar ``GrammarMatcher`` per sequence.
+
+    Like ``xgrammar.contrib.hf.LogitsProcessor`` (single use, one per ``generate`` call), but a sequence whose
+    matcher terminated (or rejected a token) is restricted to the stop tokens instead of keeping a stale mask,
+    and a rejected token is recorded rather than asserted.
+    """
+    import torch
+    import transformers
+    import xgrammar as xgr
+
+    class GrammarLogitsProcessor(transformers.LogitsProcessor):
+        def __init__(self):
+            self.matchers = [xgr.GrammarMatcher(compiled_grammar) for _ in range(batch_size)]
+            self.bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
+            stop = torch.zeros(vocab_size, dtype=torch.bool)
+            stop[[t for t in stop_token_ids if 0 <= t < vocab_size]] = True
+            self._stop_row = self._pack(stop)
+            self.rejected = [False] * batch_size
+            self._started = False
+
+        @staticmethod
+        def _pack(allowed: torch.Tensor) -> torch.Tensor:
+            n_words = (allowed.numel() + 31) // 32
+            padded = torch.zeros(n_words * 32, dtype=torch.bool)
+            padded[: allowed.numel()] = allowed
+            bits = padded.view(n_words, 32).to(torch.int64) << torch.arange(32, dtype=torch.int64)
+            packed = bits.sum(dim=1)
+            return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if input_ids.shape[0] != batch_size:
+                raise RuntimeError(f"grammar processor built for batch {batch_size}, got {input_ids.shape[0]}")
+            if self._started:
+                last = input_ids[:, -1].tolist()
+                for i, matcher in enumerate(self.matchers):
+                    if not matcher.is_terminated() and not self.rejected[i]:
+                        if not matcher.accept_token(int(last[i])):
+                            self.rejected[i] = True
+            self._started = True
+            for i, matcher in enumerate(self.matchers):
+                if matcher.is_terminated() or self.rejected[i]:
+                    self.bitmask[i] = self._stop_row
+                else:
+                    matcher.fill_next_token_bitmask(self.bitmask, i)
+            if scores.device.type == "cuda":
+                xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True))
+                return scores
+            cpu = scores if scores.device.type == "cpu" else scores.to("cpu")
+            if cpu.dtype != torch.float32:
+                cpu = cpu.float()
+                xgr.apply_token_bitmask_inplace(cpu, self.bitmask)
+                return cpu.to(scores.device, scores.dtype)
+            xgr.apply_token_bitmask_inplace(cpu, self.bitmask)
+            return cpu if cpu is scores else cpu.to(scores.device)
+
+    return GrammarLogitsProcessor()
+
+
+class TransformersJudge(_JudgeBase):
+    """Local judge on transformers (any ``AutoModelForImageTextToText`` VLM with a chat template).
+
+    ``model`` is ``zoo:judge``, a local directory or a hub id, loaded with ``from_pretrained``; ``model_ref`` (default ``model``)
+    is what the judge id hashes — pass the profile's reference (``zoo:judge``, a hub id) so ids do not depend on
+    where the weights live. Greedy decoding first; retries sample at ``retry_temperature`` with a seed derived
+    from ``seed``, the attempt and the batch index, so results are reproducible. ``cpu_threads`` sets torch's
+    intra-op threads while generating (see :func:`torch_threads`; 1 for tiny models on a shared CPU).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        max_new_tokens: int = 512,
+        max_retries: int = 2,
+        seed: int = 0,
+        feedback_max_chars: int = FEEDBACK_MAX_CHARS,
+        retry_temperature: float = 1.0,
+        model_ref: str | None = None,
+        rubric_dir: str | Path | None = None,
+        attn_implementation: str | None = None,
+        cpu_threads: int | None = None,
+    ):
+        self.model_path = str(model)
+        self.model_ref = str(model_ref or model)
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_retries = int(max_retries)
+        self.seed = int(seed)
+        self.feedback_max_chars = int(feedback_max_chars)
+        self.retry_temperature = float(retry_temperature)
+        self.rubric_dir = rubric_dir
+        self.attn_implementation = attn_implementation
+        self.cpu_threads = cpu_threads
+        self.processor = None
+        self.model = None
+        self._compiler = None
+        self._grammars: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def setup(self) -> TransformersJudge:
+        """Load processor, model and the grammar compiler (once; later calls are no-ops)."""
+        if self.model is not None:
+            return self
+        from labelers import torch_compat
+
+        torch_compat.install()
+        import torch
+        import xgrammar as xgr
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = resolve_model_path(self.model_path)
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor.tokenizer.padding_side = "left"
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(self.device).eval()
+
+        tokenizer = self.processor.tokenizer
+        self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self._stop_ids = eos
+        pad = self.model.generation_config.pad_token_id
+        self._pad_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self._vocab_size, stop_token_ids=eos)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=max(1, min(8, torch.get_num_threads())))
+        return self
+
+    def teardown(self) -> None:
+        self.model = None
+        self.processor = None
+        self._compiler = None
+        self._grammars.clear()
+
+    def compiled_grammar(self, rubric: Rubric):
+        if rubric.fingerprint not in self._grammars:
+            schema = judgement_schema(rubric, self.feedback_max_chars)
+            self._grammars[rubric.fingerprint] = self._compiler.compile_json_schema(schema, any_whitespace=False)
+        return self._grammars[rubric.fingerprint]
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
+        if self.model is None:
+            raise RuntimeError("TransformersJudge.setup() was not called")
+        import torch
+
+        messages = [build_messages(it, rubric, self.feedback_max_chars) for it in items]
+        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+        images = [img for m in messages for img in message_images(m)]
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        processor = _make_grammar_processor(self.compiled_grammar(rubric), len(items), self._vocab_size, self._stop_ids)
+        from transformers import LogitsProcessorList
+
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "logits_processor": LogitsProcessorList([processor]),
+            "eos_token_id": self._stop_ids,
+            "pad_token_id": self._pad_id,
+        }
+        if attempt == 0:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            gen_kwargs.update(do_sample=True, temperature=self.retry_temperature, top_p=1.0, top_k=0)
+        devices = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), torch_threads(self.cpu_threads):
+            torch.manual_seed(self.seed + 1_000_003 * attempt + batch_index)
+            out = self.model.generate(**inputs, **gen_kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vLLM backend (GPU extra)
+# ----------------------------------------------------------------------------------------------------------------
+def build_vllm_requests(items: Sequence[JudgeItem], rubric: Rubric, processor: Any,
+                        feedback_max_chars: int = FEEDBACK_MAX_CHARS) -> list[dict]:
+    """vLLM offline prompts for ``items`` (already image-checked): ``{"prompt": str, "multi_modal_data":
+    {"image": PIL | [PIL, ...]}}``, the prompt rendered with ``processor``'s chat template. Pure (no vllm)."""
+    requests = []
+    for item in items:
+        messages = build_messages(item, rubric, feedback_max_chars)
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = message_images(messages)
+        request: dict[str, Any] = {"prompt": prompt}
+        if images:
+            request["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+        requests.append(request)
+    return requests
+
+
+def vllm_structured_sampling_params(schema: dict, *, max_tokens: int, temperature: float = 0.0,
+                                    seed: int | None = None):
+    """``vllm.SamplingParams`` constrained to ``schema``: ``StructuredOutputsParams`` (vLLM >= 0.11), falling
+    back to ``GuidedDecodingParams`` on older releases."""
+    from vllm import SamplingParams
+
+    common = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:  # vLLM < 0.11
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return SamplingParams(guided_decoding=GuidedDecodingParams(json=schema), **common)
+    return SamplingParams(structured_outputs=StructuredOutputsParams(json=schema), **common)
+
+
+class VllmJudge(_JudgeBase):
+    """Judge on vLLM's offline engine: structured JSON output, prefix caching (the rubric + schema system
+    message is shared by every request of a task), tensor/data parallel. ``import vllm`` happens in ``setup``.
+
+    ``data_parallel_size > 1`` is passed through to the engine; with vLLM's offline ``LLM`` that needs the
+    usual multi-process launch (one process per DP rank) — on one node prefer tensor parallel, or run one
+    partition per GPU with the Dagster ``gpu`` pool.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int = 8192,
+        batch_size: int = 64,
+        max_new_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        max_retries: int = 2,
+        seed: int = 0,
+        feedback_max_chars: int = FEEDBACK_MAX_CHARS,
+        retry_temperature: float = 1.0,
+        max_images_per_prompt: int = 8,
+        dtype: str = "auto",
+        model_ref: str | None = None,
+        rubric_dir: str | Path | None = None,
+        engine_kwargs: dict | None = None,
+    ):
+        self.model_path = str(model)
+        self.model_ref = str(model_ref or model)
+        self.tensor_parallel_size = int(tensor_parallel_size)
+        self.data_parallel_size = int(data_parallel_size)
+        self.gpu_memory_utilization = float(gpu_memory_utilization)
+        self.max_model_len = int(max_model_len)
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.max_retries = int(max_retries)
+        self.seed = int(seed)
+        self.feedback_max_chars = int(feedback_max_chars)
+        self.retry_temperature = float(retry_temperature)
+        self.max_images_per_prompt = int(max_images_per_prompt)
+        self.dtype = dtype
+        self.rubric_dir = rubric_dir
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.llm = None
+        self.processor = None
+
+    def engine_args(self) -> dict:
+        args = {
+            "model": self.model_path,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_model_len": self.max_model_len,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "limit_mm_per_prompt": {"image": self.max_images_per_prompt},
+            "dtype": self.dtype,
+            "seed": self.seed,
+        }
+        if self.data_parallel_size > 1:
+            args["data_parallel_size"] = self.data_parallel_size
+        args.update(self.engine_kwargs)
+        return args
+
+    def setup(self) -> VllmJudge:
+        if self.llm is not None:
+            return self
+        import vllm
+        from transformers import AutoProcessor
+
+        self.model_path = resolve_model_path(self.model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.llm = vllm.LLM(**self.engine_args())
+        return self
+
+    def teardown(self) -> None:
+        self.llm = None
+        self.processor = None
+
+    def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
+        if self.llm is None:
+            raise RuntimeError("VllmJudge.setup() was not called")
+        requests = build_vllm_requests(items, rubric, self.processor, self.feedback_max_chars)
+        params = vllm_structured_sampling_params(
+            judgement_schema(rubric, self.feedback_max_chars),
+            max_tokens=self.max_new_tokens,
+            temperature=0.0 if attempt == 0 else self.retry_temperature,
+            seed=None if attempt == 0 else self.seed + 1_000_003 * attempt + batch_index,
+        )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [out.outputs[0].text if out.outputs else "" for out in outputs]
+
+
+JUDGE_BACKENDS = {"transformers": TransformersJudge, "vllm": VllmJudge}

@@ -1,0 +1,750 @@
+"""Plumbing shared by the trainers: configs, pipelines + LoRA, latents, metrics (+ Dagster Pipes), checkpoints.
+
+- Configs are dataclasses read from JSON or YAML (``--config FILE``); :func:`load_config` rejects unknown keys.
+- Pipelines load with ``StableDiffusionPipeline.from_pretrained`` from a directory (``zoo:<name>`` references are
+  resolved through ``pipelines.zoo.resolve_model``; a hub id only downloads when the user names one).
+- LoRA: peft adapters on the UNet attention projections; saved in diffusers' LoRA format
+  (``pytorch_lora_weights.safetensors`` with the peft config as safetensors metadata), so
+  ``pipe.load_lora_weights(dir)`` loads it anywhere diffusers runs.
+- The frozen reference model is the same UNet with the trainable adapter switched off (:func:`reference_mode`):
+  the base UNet, or — when the run was initialised from an adapter — a frozen copy of that adapter.
+- :class:`MetricsLogger` writes ``metrics.jsonl`` (one line per step) and, when the process runs under Dagster
+  Pipes, streams each line as a log message and reports the final asset materialization.
+- :class:`CheckpointManager`: ``<output_dir>/checkpoints/step-XXXXXXXX/`` = adapter + optimizer state
+  (``torch.save`` of tensors/primitives, loaded with ``weights_only=True``) + ``trainer_state.json``; written
+  atomically; a restart with the same config resumes from the latest one.
+
+Heavy libraries (torch, diffusers, peft, accelerate) are imported inside functions; only the trainer process
+imports them. Never imports dagster (``dagster_pipes`` is the separate lightweight package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from labelers import torch_compat as _torch_compat
+
+# Also done by ``trainers/__init__``; repeated here because a stale editable install can resolve ``trainers`` as a
+# namespace package (``__init__`` not run) when the process does not start in the repo root.
+_torch_compat.install()
+
+log = logging.getLogger("prefmill.trainers")
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TRAIN_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+CHECKPOINTS_DIR = "checkpoints"
+
+C = TypeVar("C")
+
+
+# ============================================================================================ configs
+def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            import yaml
+
+            data = yaml.safe_load(text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build the dataclass ``cls`` from ``data``; unknown keys are an error (catches typos in config files)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Read a JSON/YAML file into the dataclass ``cls`` (``overrides`` win over the file)."""
+    data = _read_mapping(path) if path else {}
+    data.update(overrides or {})
+    return config_from_dict(cls, data)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def coerce_config(cls: type[C], cfg: C | dict[str, Any] | str | os.PathLike) -> C:
+    """Accept a config instance, a dict, or a path to a JSON/YAML file."""
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, dict):
+        return config_from_dict(cls, dict(cfg))
+    return load_config(cls, cfg)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(raw)
+
+
+def cli_main(cls: type[C], train_fn, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``python -m trainers.<algo> --config FILE [--set key=value ...]``: parse, train, print ``result.json``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--config", required=False, help="JSON or YAML file with the config fields")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field (YAML-parsed value); repeatable")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PREFMILL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(cls, args.config, dict(_parse_override(o) for o in args.overrides))
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    result = train_fn(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+RESUME_NEUTRAL_FIELDS = frozenset(
+    {"max_steps", "num_steps", "checkpoint_every", "keep_checkpoints", "output_dir", "resume", "heldout_every",
+     "device", "mixed_precision", "num_threads"}
+)
+
+
+def config_fingerprint(cfg: Any, neutral: frozenset[str] = RESUME_NEUTRAL_FIELDS) -> tuple[str, dict[str, Any]]:
+    """Hash of the fields that must match for a resume (step counts and bookkeeping fields excluded)."""
+    data = {k: v for k, v in config_to_dict(cfg).items() if k not in neutral}
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32], data
+
+
+# ============================================================================================ misc
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, salt: int = 0, device: str = "cpu"):
+    """A ``torch.Generator`` seeded from ``(seed, step, salt)``: the randomness of step ``k`` does not depend on
+    what ran before it, so a resumed run draws exactly what an uninterrupted run would have."""
+    import torch
+
+    digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def resolve_model_path(ref: str) -> str:
+    """``zoo:<name>`` -> zoo directory; local paths and hub ids pass through."""
+    if isinstance(ref, str) and ref.startswith("zoo:"):
+        from pipelines.zoo import resolve_model
+
+        return resolve_model(ref)
+    return str(ref)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def to_float(value: Any) -> float:
+    return float(value.detach().float().mean().item()) if hasattr(value, "detach") else float(value)
+
+
+def make_accelerator(mixed_precision: str = "no", device: str | None = None):
+    """An ``accelerate.Accelerator`` (CPU when no accelerator is present or ``device == "cpu"``)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
+
+
+# ============================================================================================ pipelines + LoRA
+def load_pipeline(model: str, device=None, dtype=None):
+    """``StableDiffusionPipeline.from_pretrained(dir)`` with every component frozen and in eval mode."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    path = resolve_model_path(model)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def lora_config(rank: int, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGET_MODULES,
+                init: str | bool = "gaussian"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
+                      target_modules=list(target_modules), init_lora_weights=init)
+
+
+def add_lora(unet, rank: int, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGET_MODULES,
+             adapter_name: str = TRAIN_ADAPTER, init: str | bool = "gaussian") -> None:
+    """Add a peft LoRA adapter to ``unet`` (``unet.add_adapter``); only its parameters stay trainable."""
+    import warnings
+
+    with warnings.catch_warnings():  # a second adapter (the frozen reference) is intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(lora_config(rank, alpha, target_modules, init), adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+
+
+def lora_parameters(unet, adapter_name: str = TRAIN_ADAPTER) -> list:
+    """The trainable LoRA parameters of ``adapter_name``."""
+    params = [p for n, p in unet.named_parameters() if ".lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict_diffusers(unet, adapter_name: str = TRAIN_ADAPTER) -> dict:
+    """The adapter's weights in diffusers' key format (``...to_q.lora.down.weight``)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(sd).items()}
+
+
+def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically (built in a sibling dir, then renamed).
+
+    The peft ``LoraConfig`` goes into the safetensors metadata (diffusers' ``unet_lora_adapter_metadata``), so
+    ``load_lora_weights`` restores rank *and* alpha exactly.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    metadata = unet.peft_config[adapter_name].to_dict()
+    metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=lora_state_dict_diffusers(unet, adapter_name),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
+    )
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """fsync everything under ``tmp`` and rename it over ``final`` (the old one is moved aside, then deleted)."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict | None]:
+    """``(unet state dict in peft keys, LoraConfig dict or None)`` from a diffusers-format LoRA directory/file."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+
+    path = Path(adapter_dir)
+    file = path if path.is_file() else path / LORA_WEIGHT_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {file}")
+    sd, _alphas = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name)
+    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    if not unet_sd:
+        raise ValueError(f"{file} holds no UNet LoRA weights")
+    unet_sd = convert_unet_state_dict_to_peft(unet_sd)
+    config = None
+    with safe_open(str(file), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("lora_adapter_metadata")
+    if raw:
+        packed = json.loads(raw)
+        config = {k[len("unet."):]: v for k, v in packed.items() if k.startswith("unet.")} or None
+    return unet_sd, config
+
+
+def adapter_rank_alpha(adapter_dir: str | os.PathLike) -> tuple[int, float, list[str] | None]:
+    """Rank, alpha and target modules of a saved adapter (alpha = rank when the file carries no metadata)."""
+    sd, cfg = read_lora(adapter_dir)
+    rank = next(v.shape[0] for k, v in sd.items() if "lora_A" in k)
+    if cfg:
+        targets = cfg.get("target_modules")
+        return int(cfg.get("r", rank)), float(cfg.get("lora_alpha", rank)), (list(targets) if targets else None)
+    return int(rank), float(rank), None
+
+
+def load_lora_into(unet, adapter_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER) -> None:
+    """Copy a saved adapter's weights into the existing peft adapter ``adapter_name`` of ``unet`` (strict)."""
+    from peft.utils import set_peft_model_state_dict
+
+    sd, _ = read_lora(adapter_dir)
+    result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and f".{adapter_name}." in k]
+    if unexpected or missing:
+        raise ValueError(f"adapter {adapter_dir} does not match the UNet's LoRA layout: "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), {len(missing)} missing "
+                         f"(e.g. {missing[:2]})")
+
+
+def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,
+               target_modules: Sequence[str] = LORA_TARGET_MODULES) -> dict[str, Any]:
+    """Add the trainable adapter; with ``init_adapter`` its rank/alpha/targets and weights come from that adapter and
+    a frozen copy of it becomes the ``reference`` adapter (the reference model = the initial policy).
+
+    Returns a description ``{"rank", "alpha", "init_adapter", "reference"}`` for logs/results.
+    """
+    import torch
+
+    torch.manual_seed(seed)  # gaussian LoRA init is drawn from the global RNG
+    reference = "base"
+    if init_adapter:
+        r, a, targets = adapter_rank_alpha(init_adapter)
+        if (r, a) != (rank, alpha if alpha is not None else rank):
+            log.info("init adapter %s has rank %s alpha %s: using them (config asked rank %s)",
+                     init_adapter, r, a, rank)
+        rank, alpha = r, a
+        target_modules = targets or target_modules
+        add_lora(unet, rank, alpha, target_modules, adapter_name=REFERENCE_ADAPTER)
+        load_lora_into(unet, init_adapter, REFERENCE_ADAPTER)
+        add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
+        load_lora_into(unet, init_adapter, TRAIN_ADAPTER)
+        reference = "init_adapter"
+    else:
+        add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
+    unet.set_adapter(TRAIN_ADAPTER)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(".lora_" in n and f".{TRAIN_ADAPTER}." in n)
+    return {"rank": int(rank), "alpha": float(alpha if alpha is not None else rank),
+            "init_adapter": init_adapter, "reference": reference}
+
+
+def has_reference_adapter(unet) -> bool:
+    return REFERENCE_ADAPTER in (getattr(unet, "peft_config", None) or {})
+
+
+@contextlib.contextmanager
+def reference_mode(unet) -> Iterator[None]:
+    """Run the frozen reference inside this block: the ``reference`` adapter when the run was initialised from an
+    adapter, else the base UNet (``disable_adapters()``). Restores the trainable adapter (and its
+    ``requires_grad``) on exit. Use under ``torch.no_grad()``."""
+    if has_reference_adapter(unet):
+        unet.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            unet.set_adapter(TRAIN_ADAPTER)
+            _train_only(unet)
+    else:
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+            _train_only(unet)
+
+
+def _train_only(unet) -> None:
+    for n, p in unet.named_parameters():
+        if ".lora_" in n:
+            p.requires_grad_(f".{TRAIN_ADAPTER}." in n)
+
+
+# ============================================================================================ encoding
+def encode_prompts(pipe, texts: Sequence[str], device=None):
+    """CLIP text embeddings ``(B, 77, D)`` as SD conditions on (last hidden state, padded to max length)."""
+    import torch
+
+    device = device or pipe.text_encoder.device
+    tok = pipe.tokenizer(list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return pipe.text_encoder(tok.input_ids.to(device))[0]
+
+
+def _vae_factors(vae) -> tuple[float, float]:
+    cfg = vae.config
+    return float(getattr(cfg, "scaling_factor", 1.0) or 1.0), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+
+def images_to_latents(vae, pixels, generator=None, sample: bool = True):
+    """``(B,3,H,W)`` in ``[-1,1]`` -> scaled latents ``(z - shift)·scale`` (sampled from the posterior)."""
+    import torch
+
+    scale, shift = _vae_factors(vae)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+    return (z - shift) * scale
+
+
+def latents_to_images(vae, latents):
+    """Scaled latents -> pixels ``(B,3,H,W)`` in ``[-1,1]``."""
+    scale, shift = _vae_factors(vae)
+    return vae.decode(latents.to(vae.dtype) / scale + shift).sample.clamp(-1, 1)
+
+
+def tensor_to_pil(pixels) -> list:
+    """``(B,3,H,W)`` in ``[-1,1]`` -> list of PIL RGB."""
+    from PIL import Image
+
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+# ============================================================================================ metrics + pipes
+def _pipes_active() -> bool:
+    try:
+        from dagster_pipes import PipesEnvVarParamsLoader
+    except ImportError:  # pragma: no cover - dagster-pipes is a core dependency
+        return False
+    return PipesEnvVarParamsLoader().is_dagster_pipes_process()
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (one JSON object per step: ``{"step": k, ...}``) + Dagster Pipes forwarding.
+
+    On resume from step ``k`` lines with ``step > k`` (written after the last checkpoint) are dropped, so the
+    file keeps exactly one line per step. Under Pipes each line is also sent with ``pipes.log.info`` and
+    :meth:`finish` reports the asset materialization (final metrics, adapter path, loss curve).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, resume_step: int = 0, enabled: bool = True,
+                 loss_key: str = "loss"):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.loss_key = loss_key
+        self.history: list[dict[str, Any]] = []
+        self.pipes = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if resume_step > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if int(rec.get("step", 0)) <= resume_step:
+                    kept.append(json.dumps(rec))
+                    self.history.append(rec)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._fh = open(self.path, "a")
+        if _pipes_active():
+            from dagster_pipes import open_dagster_pipes
+
+            self.pipes = open_dagster_pipes()
+            self.pipes.log.info(f"trainer started; metrics -> {self.path}; resuming after step {resume_step}")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        values = {k: _finite(to_float(v) if hasattr(v, "detach") else v) for k, v in metrics.items()}
+        rec = {"step": int(step), **values}
+        rec.setdefault("time", round(time.time(), 3))
+        self.history.append(rec)
+        if not self.enabled:
+            return rec
+        line = json.dumps(rec, default=_json_default)
+        self._fh.write(line + "\n")
+        self._fh.flush()
+        log.info("step %s %s", step, line)
+        if self.pipes is not None:
+            self.pipes.log.info(line)
+        return rec
+
+    def info(self, message: str) -> None:
+        log.info(message)
+        if self.pipes is not None:
+            self.pipes.log.info(message)
+
+    def loss_curve(self, max_points: int = 500) -> list[float]:
+        values = [r[self.loss_key] for r in self.history if isinstance(r.get(self.loss_key), (int, float))]
+        if len(values) > max_points:  # keep the shape: evenly spaced samples, last point included
+            idx = [round(i * (len(values) - 1) / (max_points - 1)) for i in range(max_points)]
+            values = [values[i] for i in idx]
+        return [float(v) for v in values]
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Close the file; under Pipes report the materialization with the final metrics and paths."""
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self.pipes is None:
+            return
+        metadata: dict[str, Any] = {}
+        for k, v in (result.get("final_metrics") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                metadata[f"final/{k}"] = float(v)
+        metadata["steps"] = int(result.get("steps", 0))
+        for key in ("adapter_path", "best_adapter_path", "checkpoint_path"):
+            if result.get(key):
+                metadata[key] = {"raw_value": str(result[key]), "type": "path"}
+        metadata["metrics_path"] = {"raw_value": str(self.path), "type": "path"}
+        metadata["loss_curve"] = {"raw_value": self.loss_curve(), "type": "json"}
+        if result.get("config"):
+            metadata["config"] = {"raw_value": result["config"], "type": "json"}
+        try:
+            self.pipes.report_asset_materialization(metadata=metadata)
+        finally:
+            self.pipes.close()
+            self.pipes = None
+
+
+# ============================================================================================ checkpoints
+class CheckpointManager:
+    """Checkpoints under ``<output_dir>/checkpoints/step-XXXXXXXX/``:
+
+    - ``adapter/pytorch_lora_weights.safetensors`` — the trainable LoRA (diffusers format);
+    - ``optimizer.pt`` — ``optimizer.state_dict()`` (tensors + primitives only; loaded with ``weights_only=True``);
+    - ``trainer_state.json`` — ``{"step", "config_fingerprint", "config", "extra"}`` (``extra``: the trainer's own
+      counters, e.g. samples consumed or the best held-out score), written last: a directory without it is
+      incomplete and ignored.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, every: int, keep: int = 2):
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.every = int(every)
+        self.keep = int(keep)
+
+    def due(self, step: int, final_step: int) -> bool:
+        return step == final_step or (self.every > 0 and step % self.every == 0)
+
+    def all(self) -> list[tuple[int, Path]]:
+        out = []
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.is_dir() and d.name.startswith("step-") and (d / "trainer_state.json").is_file():
+                    with contextlib.suppress(ValueError):
+                        out.append((int(d.name[len("step-"):]), d))
+        return sorted(out)
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, unet, optimizer, config: Any, extra: dict[str, Any] | None = None) -> Path:
+        import torch
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".step-{step:08d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_lora(unet, tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        fingerprint, _ = config_fingerprint(config)
+        state = {"step": int(step), "config_fingerprint": fingerprint, "config": config_to_dict(config),
+                 "extra": extra or {}, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(tmp / "trainer_state.json", state)
+        _replace_dir(tmp, final)
+        for old_step, old_dir in self.all()[: -self.keep] if self.keep > 0 else []:
+            if old_step != step:
+                shutil.rmtree(old_dir, ignore_errors=True)
+        return final
+
+    def load(self, ckpt_dir: Path, unet, optimizer, config: Any) -> dict[str, Any]:
+        """Restore adapter + optimizer from ``ckpt_dir``; refuses a checkpoint written under a different config."""
+        import torch
+
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        fingerprint, data = config_fingerprint(config)
+        if state.get("config_fingerprint") != fingerprint:
+            old = {k: v for k, v in (state.get("config") or {}).items() if k not in RESUME_NEUTRAL_FIELDS}
+            diff = sorted(k for k in set(old) | set(data) if old.get(k) != data.get(k))
+            raise ValueError(
+                f"checkpoint {ckpt_dir} was written with a different config (fields: {', '.join(diff)}); "
+                "use a new output_dir or set resume: false to start over")
+        load_lora_into(unet, ckpt_dir / "adapter", TRAIN_ADAPTER)
+        opt_state = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt_state)
+        return state
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ============================================================================================ training skeleton
+@dataclasses.dataclass
+class TrainingSetup:
+    """What every trainer builds before its loop (see :func:`prepare_training`)."""
+
+    config: Any
+    accelerator: Any
+    pipe: Any
+    unet: Any
+    optimizer: Any
+    params: list
+    logger: MetricsLogger
+    checkpoints: CheckpointManager
+    start_step: int
+    extra: dict[str, Any]
+    lora: dict[str, Any]
+    output_dir: Path
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def prepare_training(cfg: Any, *, loss_key: str = "loss") -> TrainingSetup:
+    """Seed, load the pipeline, add LoRA (optionally from ``cfg.init_adapter``), build AdamW, resume.
+
+    Reads these config fields: ``pretrained_model, output_dir, seed, lora_rank, lora_alpha, learning_rate,
+    adam_weight_decay, checkpoint_every, keep_checkpoints, resume, mixed_precision, device, num_threads`` and
+    ``init_adapter`` when present.
+    """
+    import torch
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(cfg, "num_threads", None):
+        torch.set_num_threads(int(cfg.num_threads))
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(getattr(cfg, "mixed_precision", "no"), getattr(cfg, "device", None))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = load_pipeline(cfg.pretrained_model)
+    cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
+    pipe.vae.to(accelerator.device, **cast)
+    pipe.text_encoder.to(accelerator.device, **cast)
+    unet = pipe.unet
+    unet.to(accelerator.device)
+    lora = setup_lora(unet, cfg.lora_rank, getattr(cfg, "lora_alpha", None), getattr(cfg, "init_adapter", None),
+                      cfg.seed)
+    params = lora_parameters(unet)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=getattr(cfg, "adam_weight_decay", 0.0))
+
+    checkpoints = CheckpointManager(out, cfg.checkpoint_every, getattr(cfg, "keep_checkpoints", 2))
+    start_step, extra = 0, {}
+    if not getattr(cfg, "resume", True):
+        checkpoints.clear()
+    else:
+        latest = checkpoints.latest()
+        if latest is not None:
+            state = checkpoints.load(latest[1], unet, optimizer, cfg)
+            start_step, extra = int(state["step"]), dict(state.get("extra") or {})
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    logger = MetricsLogger(out, resume_step=start_step, enabled=accelerator.is_main_process, loss_key=loss_key)
+    if start_step:
+        logger.info(f"resumed from {latest[1]} at step {start_step}")  # type: ignore[index]
+    write_json(out / "config.json", config_to_dict(cfg))
+    return TrainingSetup(cfg, accelerator, pipe, unet, optimizer, params, logger, checkpoints, start_step, extra,
+                         lora, out)
+
+
+def unwrap(setup: TrainingSetup):
+    return setup.accelerator.unwrap_model(setup.unet)
+
+
+def apply_lr(optimizer, cfg: Any, step: int) -> float:
+    """Constant learning rate after a linear warmup of ``cfg.lr_warmup_steps`` (a pure function of the step)."""
+    warm = int(getattr(cfg, "lr_warmup_steps", 0) or 0)
+    lr = cfg.learning_rate * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, Any],
+                    extra_result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save ``adapter/``, write ``result.json``, report to Pipes; returns the result dict."""
+    setup.accelerator.wait_for_everyone()
+    result: dict[str, Any] = {}
+    if setup.accelerator.is_main_process:
+        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter")
+        latest = setup.checkpoints.latest()
+        result = {
+            "steps": int(step),
+            "adapter_path": str(adapter_dir),
+            "adapter_file": str(adapter_dir / LORA_WEIGHT_NAME),
+            "checkpoint_path": str(latest[1]) if latest else None,
+            "metrics_path": str(setup.logger.path),
+            "final_metrics": {k: _finite(v) for k, v in final_metrics.items()},
+            "lora": setup.lora,
+            "pretrained_model_path": resolve_model_path(setup.config.pretrained_model),
+            "resumed_from_step": int(setup.start_step),
+            "config": config_to_dict(setup.config),
+        }
+        result.update(extra_result or {})
+        write_json(setup.output_dir / "result.json", result)
+        setup.logger.finish(result)
+    return result
+

@@ -1,0 +1,69 @@
+"""Config of the GRPO trainer (``python -m trainers.grpo --config FILE``); defaults sized for the tiny CPU demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _default_lambdas() -> dict[str, float]:
+    # λ of the λ-Harmonic reward per task: t2i has no references (λ unused: reward = CLIP_T).
+    return {"t2i": 0.0, "edit": 0.5, "multi_ref": 0.5}
+
+
+@dataclass
+class GRPOConfig:
+    """Online GRPO (DDPO/Flow-GRPO-style stochastic DDIM policy) with λ-Harmonic CLIP rewards, DRS and DAR."""
+
+    pretrained_model: str = "zoo:t2i"  # diffusers StableDiffusionPipeline dir, or zoo:<name>
+    init_adapter: str | None = None  # the SFT adapter dir (DyRef stage 1); also the frozen KL reference
+    prompt_pool: str = ""  # rl_prompt_pool parquet: prompt_id, task, text, reference_images, ..., split
+    clip_model: str = "zoo:clip"  # reward model for labelers.clip_scorer.ClipScorer
+    clip_backend: str = "open_clip"
+    clip_batch_size: int = 32
+    output_dir: str = "runs/grpo"
+    tasks: list[str] | None = None  # restrict the pool to these tasks (None: all)
+    resolution: int = 64
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # sampling (the policy)
+    group_size: int = 4  # G images per prompt
+    prompts_per_step: int = 2
+    num_steps: int = 4  # optimizer steps (each: sample, score, update)
+    sample_steps: int = 6  # DDIM steps per trajectory
+    eta: float = 1.0  # DDIM stochasticity (> 0 needed for a log-probability)
+    guidance_scale: float = 1.0  # classifier-free guidance during sampling and training (1 = off)
+    # policy update
+    clip_range: float = 1e-2  # PPO ratio clip ε
+    adv_clip_max: float = 5.0
+    kl_coef: float = 0.01  # weight of the per-step KL to the reference policy's Gaussian
+    log_prob_reduce: str = "mean"  # "mean" (DDPO/Flow-GRPO: per-dim average) or "sum" (true log-density)
+    train_timestep_fraction: float = 1.0  # fraction of the recorded DDIM steps trained on per update
+    num_inner_epochs: int = 1  # passes over each collected batch (>1 makes the PPO clip matter)
+    train_micro_batch: int = 8  # trajectories per forward/backward chunk
+    # reward
+    lambdas: dict[str, float] = field(default_factory=_default_lambdas)
+    default_lambda: float = 0.5  # for tasks missing from ``lambdas``
+    use_drs: bool = True  # DyRef DRS: sharpen per-reference sims σ(k(s-τ)), k = k0 + k1(n_refs-2)
+    drs_k0: float = 10.0
+    drs_k1: float = 3.0
+    drs_tau: float = 0.68
+    use_dar: bool = True  # DyRef DAR: per-group focal weight clip((1-p_g)^γ) renormalised to mean 1
+    dar_gamma: float = 2.0
+    dar_w_min: float = 0.25
+    dar_w_max: float = 4.0
+    # model selection on held-out prompts (RPO): keep the adapter with the best mean λ-Harmonic
+    heldout_every: int = 2
+    heldout_prompts: int = 4
+    heldout_images_per_prompt: int = 2
+    heldout_seed: int = 1234
+    seed: int = 0
+    checkpoint_every: int = 2
+    keep_checkpoints: int = 2
+    resume: bool = True
+    mixed_precision: str = "no"
+    device: str | None = None  # None: accelerate's choice; "cpu" forces CPU
+    num_threads: int | None = None  # torch intra-op threads (None: torch default; 1 is fastest for tiny CPU runs)

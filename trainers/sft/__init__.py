@@ -1,0 +1,6 @@
+"""SFT: LoRA fine-tuning on an SFT corpus with the standard noise-prediction loss. ``python -m trainers.sft``."""
+
+from trainers.sft.sft_config import SFTConfig
+from trainers.sft.sft_trainer import train
+
+__all__ = ["SFTConfig", "train"]
