@@ -30,7 +30,7 @@ def build_eval_asset(run_asset: dg.AssetsDefinition, trainer: str) -> dg.AssetsD
         if run is None:
             raise dg.Failure(f"{trainer}_eval: no finished {trainer} run; materialize {trainer}_run first")
         result = json.loads((run / "result.json").read_text())
-        adapter = result.get("best_adapter_dir") or result["adapter_dir"]
+        adapter = result.get("best_adapter_path") or result["adapter_path"]
         prompts = load_prompts(layout, finished_partitions(layout, "prompt_batches", "prompts.parquet"))
         heldout = prompts.filter((pl.col("split") == "heldout") & pl.col("task").is_in(list(RL_TASKS)))
         heldout = heldout.head(settings["eval"]["max_prompts"])

@@ -50,7 +50,7 @@ def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, 
             **reported,
             **{f"final_{k}": float(v) for k, v in metrics.items()},
             "steps": int(result.get("steps", 0)),
-            "adapter": path_md(result["adapter_dir"]),
+            "adapter": path_md(result["adapter_path"]),
             "run_dir": path_md(directory),
             "reused": not reported,
         },
@@ -74,6 +74,8 @@ def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str,
     settings = profile.settings()
     base = dict(settings["training"][trainer])
     base.setdefault("resolution", settings["generation"]["generators"]["t2i"].get("width", 512))
+    if settings.get("cpu_threads"):
+        base.setdefault("num_threads", settings["cpu_threads"])
     return settings, {"pretrained_model": resolve_model(settings["generation"]["generators"]["t2i"]["model"]), **base}
 
 
@@ -114,7 +116,7 @@ def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profil
     settings, config = _trainer_settings(profile, "grpo")
     sft_result = json.loads((sft_dir / "result.json").read_text())
     config.update(
-        init_adapter=sft_result["adapter_dir"], prompt_pool=str(pool_path),
+        init_adapter=sft_result["adapter_path"], prompt_pool=str(pool_path),
         clip_model=resolve_model(settings["clip"]["model"]), clip_backend=settings["clip"].get("backend", "open_clip"),
         lambdas=settings["rewards"]["lambda"],
     )

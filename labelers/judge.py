@@ -476,7 +476,7 @@ class TransformersJudge(_JudgeBase):
 
     ``model`` is ``zoo:judge``, a local directory or a hub id, loaded with ``from_pretrained``; ``model_ref`` (default ``model``)
     is what the judge id hashes — pass the profile's reference (``zoo:judge``, a hub id) so ids do not depend on
-    where the weights live. Greedy decoding first; retries sample at ``retry_temperature`` with a seed derived
+    where the weights live. Greedy decoding first (or sampling at ``temperature`` when it is > 0); retries sample at ``retry_temperature`` with a seed derived
     from ``seed``, the attempt and the batch index, so results are reproducible. ``cpu_threads`` sets torch's
     intra-op threads while generating (see :func:`torch_threads`; 1 for tiny models on a shared CPU).
     """
@@ -496,8 +496,10 @@ class TransformersJudge(_JudgeBase):
         rubric_dir: str | Path | None = None,
         attn_implementation: str | None = None,
         cpu_threads: int | None = None,
+        temperature: float = 0.0,
     ):
         self.model_path = str(model)
+        self.temperature = float(temperature)
         self.model_ref = str(model_ref or model)
         self.device = device
         self.dtype = dtype
@@ -582,8 +584,10 @@ class TransformersJudge(_JudgeBase):
             "eos_token_id": self._stop_ids,
             "pad_token_id": self._pad_id,
         }
-        if attempt == 0:
+        if attempt == 0 and self.temperature <= 0:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        elif attempt == 0:
+            gen_kwargs.update(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0)
         else:
             gen_kwargs.update(do_sample=True, temperature=self.retry_temperature, top_p=1.0, top_k=0)
         devices = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []

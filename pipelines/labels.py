@@ -22,6 +22,7 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
     import polars as pl
     from PIL import Image
 
+    from labelers.stage import label_schema
     from pipelines.candidates import load_candidate_images
     from pipelines.io import write_parquet
 
@@ -53,7 +54,7 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
             image = images.get(row["candidate_id"], ValueError(f"candidate {row['candidate_id']} not in any shard"))
             batch_images[row["candidate_id"]] = image
         labelled = stage.process_batch(batch, batch_images, sources, references)
-        write_parquet(pl.DataFrame(labelled, infer_schema_length=None), parts_dir / f"{next_part:06d}.parquet")
+        write_parquet(pl.DataFrame(labelled, schema=label_schema()), parts_dir / f"{next_part:06d}.parquet")
         next_part += 1
         log(f"labelled {start + len(batch)}/{len(todo)}")
     done, _ = _load_parts(parts_dir)

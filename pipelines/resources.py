@@ -53,6 +53,8 @@ class GeneratorResource(dg.ConfigurableResource):
         spec.setdefault("device", self.device or settings.get("device", "cpu"))
         spec.setdefault("dtype", settings.get("dtype", "float32"))
         spec.setdefault("batch_size", settings["generation"].get("batch_size", 8))
+        if settings.get("cpu_threads"):
+            spec.setdefault("cpu_threads", settings["cpu_threads"])
         return spec
 
     def for_task(self, task: str):
@@ -84,6 +86,8 @@ class JudgeResource(dg.ConfigurableResource):
             settings = self.profile.settings()
             spec = dict(settings["judge"])
             backend = spec.pop("backend")
+            if settings.get("cpu_threads"):
+                spec.setdefault("cpu_threads", settings["cpu_threads"])
             if backend == "transformers":
                 from labelers.judge import TransformersJudge
 
@@ -120,7 +124,8 @@ class ClipResource(dg.ConfigurableResource):
             spec = settings["clip"]
             self._scorer = ClipScorer(model=spec["model"], backend=spec.get("backend", "open_clip"),
                                       device=self.device or settings.get("device", "cpu"),
-                                      batch_size=spec.get("batch_size", 32))
+                                      batch_size=spec.get("batch_size", 32),
+                                      cpu_threads=settings.get("cpu_threads"))
             self._scorer.setup()
         return self._scorer
 

@@ -65,5 +65,28 @@ def build_clip(out_dir: Path) -> None:
     # The class open_clip's factory instantiates for this config (a plain CLIP); the loader checks the state
     # dict strictly, so any mismatch would fail loudly at load time (tested).
     model = open_clip.model.CLIP(**copy.deepcopy(MODEL_CFG)).eval()
+    _add_shared_offset(model, torch)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "open_clip_model.safetensors"), metadata={"format": "pt"})
+
+
+# Expected cosine between an unrelated image and text after the offset (real CLIP checkpoints give ~0.15-0.35).
+TARGET_COSINE = 0.25
+
+
+def _add_shared_offset(model, torch) -> None:
+    """Give both towers' embeddings a shared component, as trained CLIP models have (their embeddings sit in a
+    narrow cone, so image-text cosines are positive). Without it a random model's CLIP_T is as often negative as
+    positive, and λ-Harmonic, which needs positive similarities, clamps it to ~0. The offset is written into the
+    final LayerNorm biases (``ln_post`` / ``ln_final``) so the saved state dict keeps open_clip's exact layout."""
+    generator = torch.Generator().manual_seed(SEED + 1)
+    dim = MODEL_CFG["embed_dim"]
+    direction = torch.randn(dim, generator=generator)
+    direction /= direction.norm()
+    with torch.no_grad():
+        # Projected LayerNorm outputs have about unit variance per dimension, so norm ~ sqrt(dim); an offset of
+        # norm s gives cosine ~ s^2 / (s^2 + dim) between unrelated embeddings.
+        scale = (TARGET_COSINE * dim / (1.0 - TARGET_COSINE)) ** 0.5
+        shared = direction * scale
+        model.visual.ln_post.bias.copy_(shared @ torch.linalg.pinv(model.visual.proj))
+        model.ln_final.bias.copy_(shared @ torch.linalg.pinv(model.text_projection))

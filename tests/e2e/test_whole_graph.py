@@ -157,7 +157,7 @@ def test_training_runs_and_evals_wrote_their_outputs(graph_run):
     for trainer in ("sft", "dpo", "grpo"):
         run = data / "runs" / trainer / (data / "runs" / trainer / "latest").read_text().strip()
         result = json.loads((run / "result.json").read_text())
-        adapter = Path(result["adapter_dir"]) / "pytorch_lora_weights.safetensors"
+        adapter = Path(result["adapter_path"]) / "pytorch_lora_weights.safetensors"
         assert adapter.exists() and len(load_file(str(adapter))) > 0
         lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         assert lines and all(isinstance(l.get("step"), int) for l in lines)
