@@ -1,6 +1,9 @@
 """Versioned WebDataset corpora (DESIGN.md): ``<corpus>/<version>/{shards/NNNNNN.tar, index.parquet,
 manifest.json}``, the version a content hash of the inputs and the config, the whole directory written in a
-temporary sibling and renamed, then the ``latest`` pointer moved. A version that already exists is reused."""
+temporary sibling and renamed, then the ``latest`` pointer moved. A version that already exists is reused.
+
+Shards are cut per layout (task + member names; see :func:`sample_layout`) and the manifest lists the shards of
+each layout under ``layouts``, so ``datasets.load_dataset("webdataset", data_files=<one layout's shards>)`` works."""
 
 from __future__ import annotations
 
@@ -55,19 +58,27 @@ def write_corpus(
     index_rows: list[dict[str, Any]] = []
     with atomic_dir(final) as tmp:
         (tmp / "shards").mkdir()
-        for number, chunk in enumerate(_chunks(samples, shard_max_samples)):
-            name = f"{number:06d}.tar"
+
+        def flush(layout: str, chunk: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+            name = f"{len(shards):06d}.tar"
             info = write_shard(tmp / "shards" / name, (sample for sample, _ in chunk))
-            shards.append(info)
+            shards.append({**info, "layout": layout})
             index_rows.extend({**row, "shard": f"shards/{name}", "key": sample["__key__"]} for sample, row in chunk)
+
+        for layout, chunk in _chunks_by_layout(samples, shard_max_samples):
+            flush(layout, chunk)
         index = pl.DataFrame(index_rows) if index_rows else pl.DataFrame(schema={"shard": pl.String, "key": pl.String})
         write_parquet(index, tmp / "index.parquet")
+        layouts: dict[str, list[str]] = {}
+        for shard in shards:
+            layouts.setdefault(shard["layout"], []).append(f"shards/{shard['shard']}")
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "corpus": corpus,
             "version": version,
             "num_samples": len(index_rows),
             "shards": shards,
+            "layouts": layouts,
             "drops": dict(sorted(drops.items())),
             **manifest_extra,
         }
@@ -83,15 +94,25 @@ def _point_latest(corpus_root: Path, version: str) -> None:
         tmp.write_text(version + "\n")
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
+def sample_layout(sample: dict[str, Any], row: dict[str, Any]) -> str:
+    """A shard holds samples of one layout: the same task and the same members. Readers that infer a schema
+    from the first samples (``datasets.load_dataset("webdataset", ...)``) need that: members and JSON fields
+    that differ between samples of one shard make them fail."""
+    members = ",".join(sorted(k for k in sample if not k.startswith("__")))
+    return f"{row.get('task', 'any')}:{members}"
+
+
+def _chunks_by_layout(samples: Iterable[tuple[dict[str, Any], dict[str, Any]]],
+                      size: int) -> Iterator[tuple[str, list[Any]]]:
+    pending: dict[str, list[Any]] = {}
+    for sample, row in samples:
+        layout = sample_layout(sample, row)
+        chunk = pending.setdefault(layout, [])
+        chunk.append((sample, row))
         if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+            yield layout, pending.pop(layout)
+    for layout in sorted(pending):
+        yield layout, pending[layout]
 
 
 def sft_samples(labels, prompts_by_id, images, min_reward: float, drops: Counter):

@@ -41,12 +41,17 @@ def test_corpus_versions_are_content_addressed_and_reused(tmp_path):
     v1 = corpus_version("c", {"p1": "aa"}, {"k": 1})
     assert v1 == corpus_version("c", {"p1": "aa"}, {"k": 1})
     assert v1 != corpus_version("c", {"p1": "ab"}, {"k": 1})
-    samples = [({"__key__": f"s{i}", "txt": f"t{i}"}, {"n": i}) for i in range(5)]
+    samples = [({"__key__": f"s{i}", "txt": f"t{i}"}, {"n": i, "task": "t2i"}) for i in range(5)]
+    samples.append(({"__key__": "e", "txt": "e", "src.jpg": b"x"}, {"n": 5, "task": "edit"}))
     out, manifest, created = write_corpus(tmp_path, "c", v1, iter(samples), 2, {"inputs": ["p1"]}, Counter(x=1))
-    assert created and manifest["num_samples"] == 5 and len(manifest["shards"]) == 3
+    assert created and manifest["num_samples"] == 6 and len(manifest["shards"]) == 4
     assert latest_version(tmp_path) == v1
     index = pl.read_parquet(out / "index.parquet")
-    assert index["shard"].to_list() == ["shards/000000.tar"] * 2 + ["shards/000001.tar"] * 2 + ["shards/000002.tar"]
+    assert index["shard"].to_list() == (["shards/000000.tar"] * 2 + ["shards/000001.tar"] * 2
+                                        + ["shards/000002.tar", "shards/000003.tar"])
+    # one layout per shard: an edit sample (extra member) never shares a shard with t2i samples
+    assert manifest["layouts"] == {"edit:src.jpg,txt": ["shards/000002.tar"],
+                                   "t2i:txt": ["shards/000000.tar", "shards/000001.tar", "shards/000003.tar"]}
     for shard in manifest["shards"]:
         assert file_sha256(out / "shards" / shard["shard"]) == shard["sha256"]
     assert json.loads((out / "manifest.json").read_text())["drops"] == {"x": 1}
