@@ -19,7 +19,6 @@ Heavy imports (torch, transformers, xgrammar, vllm) happen inside functions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from labelers.hashing import content_id
+from labelers.torch_compat import torch_threads
 from labelers.rubrics import SCORE_MAX, SCORE_MIN, Rubric, load_rubric
 
 STATUS_OK = "ok"
@@ -308,26 +308,6 @@ def prepare_item(item: JudgeItem) -> tuple[JudgeItem | None, str | None]:
         ),
         None,
     )
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run a block with ``torch.set_num_threads(n)`` and restore the previous value (``None``: no change).
-
-    Tiny models on a shared CPU are dominated by OpenMP synchronisation: measured on 2 busy cores, judging 8
-    images took ~5-16 s with 2 threads and ~0.65 s with 1.
-    """
-    if not n:
-        yield
-        return
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def resolve_model_path(ref: str) -> str:

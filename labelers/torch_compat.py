@@ -14,6 +14,7 @@ On a normal install (matching CUDA or CPU wheels) ``_C.so`` loads and this does 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import os
@@ -108,3 +109,23 @@ def install() -> None:
     if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _TorchvisionFinder())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``torch.set_num_threads(n)`` and restore the previous value (``None``: no change).
+
+    Tiny models on a shared CPU are dominated by OpenMP synchronisation: measured on 2 busy cores, judging 8
+    images took ~5-16 s with 2 threads and ~0.65 s with 1.
+    """
+    if not n:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,10 +1,9 @@
 """Jobs, the inbox sensor and the nightly refresh schedule."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from pipelines.partitions import PROMPT_BATCH_PARTITIONS, prompt_batch_partitions
+from pipelines.resources import StorageResource
 
 PARTITIONED_ASSETS = ["prompt_batches", "candidate_images", "reward_labels", "preference_pairs"]
 
@@ -22,12 +21,12 @@ corpus_and_training_job = dg.define_asset_job(
 )
 
 
-@dg.sensor(job=label_batch_job, minimum_interval_seconds=30, required_resource_keys={"storage"})
-def prompt_inbox_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+@dg.sensor(job=label_batch_job, minimum_interval_seconds=30)
+def prompt_inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult | dg.SkipReason:
     """Adds a ``prompt_batches`` partition per new batch file in the inbox and requests its run."""
     from pipelines.prompts import PromptFileError, discover_batches
 
-    inbox = context.resources.storage.inbox_dir
+    inbox = storage.inbox_dir
     try:
         batches = discover_batches(inbox)
     except PromptFileError as exc:

@@ -17,6 +17,10 @@ from pathlib import Path
 from pipelines.paths import SAMPLES_DIR, Layout, default_data_root, default_inbox
 
 
+# The few final metrics per trainer worth a line on one screen (the rest are in metrics.jsonl / result.json).
+SUMMARY_METRICS = ("loss", "implicit_acc", "margin", "reward_mean", "kl", "best_heldout_lambda_harmonic")
+
+
 def seed_inbox(inbox: Path) -> list[Path]:
     target = inbox / "samples"
     if not target.exists():
@@ -78,8 +82,8 @@ def summary(root: Path) -> str:
         run = latest_run(layout, trainer)
         if run:
             result = finished_result(run)
-            metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.get("final_metrics", {}).items()
-                                if isinstance(v, (int, float)))
+            final = result.get("final_metrics", {})
+            metrics = ", ".join(f"{k}={final[k]:.4g}" for k in SUMMARY_METRICS if isinstance(final.get(k), (int, float)))
             out.append(f"{trainer}_run{'':<9} {result.get('steps')} steps, {metrics}   {run}")
         evals = layout.eval_root(trainer) / run.name / "summary.json" if run else None
         if evals and evals.exists():

@@ -173,20 +173,11 @@ class ImageGenerator:
                 images.extend(self._generate_batch(batch)[:n])
         return images
 
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        """``torch.set_num_threads(cpu_threads)`` for the block on CPU, restored afterwards."""
-        if not self.cpu_threads or not str(self.device).startswith("cpu"):
-            yield
-            return
-        import torch
+    def _threads(self):
+        """One block at ``cpu_threads`` torch threads on CPU (see ``labelers.torch_compat.torch_threads``)."""
+        from labelers.torch_compat import torch_threads
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(self.cpu_threads))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return torch_threads(self.cpu_threads if str(self.device).startswith("cpu") else None)
 
     def _generate_batch(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
         import torch
