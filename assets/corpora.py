@@ -11,8 +11,19 @@ from assets.pairs import preference_pairs
 from pipelines.resources import ProfileResource, StorageResource
 
 
+def _integrity_check(corpus: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec("shards_match_manifest", asset=corpus,
+                             description="Every shard re-read: sha256 and sample count match manifest.json, and "
+                                         "index.parquet names exactly the samples in the shards.")
+
+
 def _corpus_result(version_dir, manifest, created: bool, **extra) -> dg.MaterializeResult:
+    from pipelines.corpora import verify_corpus
+
+    problems = verify_corpus(version_dir)
     return dg.MaterializeResult(
+        check_results=[dg.AssetCheckResult(check_name="shards_match_manifest", passed=not problems,
+                                           metadata={"problems": "\n".join(problems) or "none"})],
         metadata={
             **extra,
             "version": manifest["version"],
@@ -27,7 +38,8 @@ def _corpus_result(version_dir, manifest, created: bool, **extra) -> dg.Material
     )
 
 
-@dg.asset(deps=[reward_labels], group_name="corpora", kinds={"webdataset"})
+@dg.asset(deps=[reward_labels], group_name="corpora", kinds={"webdataset"},
+          check_specs=[_integrity_check("sft_corpus")])
 def sft_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
                profile: ProfileResource) -> dg.MaterializeResult:
     """The best-rewarded ok candidates of every labelled partition (``jpg, txt, json``; json carries every reward
@@ -64,7 +76,8 @@ def sft_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
     return _corpus_result(version_dir, manifest, created)
 
 
-@dg.asset(deps=[preference_pairs], group_name="corpora", kinds={"webdataset"})
+@dg.asset(deps=[preference_pairs], group_name="corpora", kinds={"webdataset"},
+          check_specs=[_integrity_check("preference_corpus")])
 def preference_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
                       profile: ProfileResource) -> dg.MaterializeResult:
     """Every pair of every partition as Pick-a-Pic-style samples (``jpg_0, jpg_1, caption, label_0, label_1,

@@ -10,7 +10,10 @@ from pipelines.resources import ClipResource, JudgeResource, ProfileResource, St
 
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[candidate_images], group_name="labelling",
-          kinds={"transformers", "open_clip", "parquet"}, pool="gpu")
+          kinds={"transformers", "open_clip", "parquet"}, pool="gpu",
+          check_specs=[dg.AssetCheckSpec("labels_follow_contract", asset="reward_labels",
+                                         description="Every contract column; statuses known; ok rows scored 0-5 "
+                                                     "on their task's dimensions with a reward; failures explained.")])
 def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                   judge: JudgeResource, clip: ClipResource) -> dg.MaterializeResult:
     """Labels every candidate of the partition. Labels are written in parts keyed by (candidate_id, judge_id), so
@@ -20,6 +23,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
 
     from labelers.rubrics import all_dimensions
     from labelers.stage import LabelingStage
+    from labelers.validation import label_problems
     from pipelines.labels import label_partition
 
     key = context.partition_key
@@ -31,16 +35,18 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
         judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
     )
+    prompts = pl.read_parquet(layout.prompts(key))
     labels, relabelled = label_partition(
         stage=stage,
         candidates=pl.read_parquet(layout.candidates(key)),
-        prompts=pl.read_parquet(layout.prompts(key)),
+        prompts=prompts,
         shard_dir=layout.asset_dir("candidate_images", key) / "shards",
         parts_dir=layout.asset_dir("reward_labels", key) / "parts",
         out_path=layout.labels(key),
         batch_size=settings["judge"].get("batch_size", 8),
         log=context.log.info,
     )
+    problems = label_problems(labels, dict(zip(prompts["prompt_id"], prompts["task"])))
     by_status = dict(labels.group_by("status").len().iter_rows())
     ok = labels.filter(pl.col("status") == "ok")
     dims = [d for d in all_dimensions() if d in labels.columns and ok[d].null_count() < len(ok)]
@@ -51,12 +57,16 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     parse_errors = by_status.get("parse_error", 0)
     for row in labels.filter(pl.col("status") != "ok").head(10).iter_rows(named=True):
         context.log.warning(f"candidate {row['candidate_id']}: {row['status']}: {row['error']}")
-    return dg.MaterializeResult(metadata={
-        "num_labels": len(labels),
-        "labelled_now": relabelled,
-        "by_status": counts_md(by_status, "status"),
-        "parse_error_rate": parse_errors / max(1, len(labels)),
-        "mean_by_dimension": counts_md(means, "dimension", "mean"),
-        "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
-        "path": path_md(layout.labels(key)),
-    })
+    return dg.MaterializeResult(
+        check_results=[dg.AssetCheckResult(check_name="labels_follow_contract", passed=not problems,
+                                           metadata={"problems": "\n".join(problems) or "none"})],
+        metadata={
+            "num_labels": len(labels),
+            "labelled_now": relabelled,
+            "by_status": counts_md(by_status, "status"),
+            "parse_error_rate": parse_errors / max(1, len(labels)),
+            "mean_by_dimension": counts_md(means, "dimension", "mean"),
+            "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
+            "path": path_md(layout.labels(key)),
+        },
+    )

@@ -182,3 +182,33 @@ def preference_samples(pairs, prompts_by_id, images, seed: int, drops: Counter):
 
 def _label_text(value: float) -> str:
     return "0.5" if value == 0.5 else str(int(value))
+
+
+def verify_corpus(version_dir: Path) -> list[str]:
+    """Re-read every shard: its sha256 and sample count must match the manifest, and the index must name every
+    sample. Returns the problems found (empty when the corpus is intact)."""
+    import polars as pl
+
+    from pipelines.io import file_sha256, read_shard
+
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    problems: list[str] = []
+    keys: list[str] = []
+    for shard in manifest["shards"]:
+        path = version_dir / "shards" / shard["shard"]
+        if not path.exists():
+            problems.append(f"{shard['shard']}: missing")
+            continue
+        if file_sha256(path) != shard["sha256"]:
+            problems.append(f"{shard['shard']}: sha256 differs from the manifest")
+        shard_keys = [sample["__key__"] for sample in read_shard(path)]
+        if len(shard_keys) != shard["count"]:
+            problems.append(f"{shard['shard']}: {len(shard_keys)} samples, manifest says {shard['count']}")
+        keys += shard_keys
+    index = pl.read_parquet(version_dir / "index.parquet")
+    if sorted(index["key"].to_list()) != sorted(keys):
+        problems.append(f"index.parquet lists {len(index)} samples, the shards hold {len(keys)}")
+    if len(set(keys)) != len(keys):
+        problems.append(f"{len(keys) - len(set(keys))} duplicate sample keys")
+    return problems

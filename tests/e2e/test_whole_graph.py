@@ -63,6 +63,11 @@ def test_every_asset_materialized(graph_run):
     assert first.success and second.success
     done = {e.asset_key.to_user_string() for r in (first, second) for e in r.get_asset_materialization_events()}
     assert done == {a.key.to_user_string() for a in ALL_ASSETS}
+    checks = {(c.asset_key.to_user_string(), c.check_name): c.passed
+              for r in (first, second) for c in r.get_asset_check_evaluations()}
+    assert checks == {("reward_labels", "labels_follow_contract"): True,
+                      ("sft_corpus", "shards_match_manifest"): True,
+                      ("preference_corpus", "shards_match_manifest"): True}
 
 
 def test_prompts_candidates_labels_pairs_follow_the_contracts(graph_run):
