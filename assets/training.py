@@ -68,6 +68,16 @@ def _corpus_input(storage: StorageResource, corpus: str) -> tuple[Path, str]:
     return root / version, version
 
 
+def _train_on_corpus(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,
+                     profile: ProfileResource, trainer: str, corpus: str) -> dg.MaterializeResult:
+    """Train on the latest version of ``corpus``; the run is keyed by that version, so it retrains only when the
+    corpus (or the trainer's config) changed."""
+    corpus_dir, version = _corpus_input(storage, corpus)
+    _, config = _trainer_settings(profile, trainer)
+    config["corpus_dir"] = str(corpus_dir)
+    return _launch(context, pipes, storage, trainer, {corpus: version}, config)
+
+
 def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from pipelines.zoo import resolve_model
 
@@ -83,20 +93,14 @@ def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str,
 def sft_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
             pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """LoRA SFT of the text-to-image denoiser on the SFT corpus (DyRef's first stage)."""
-    corpus_dir, version = _corpus_input(storage, "sft_corpus")
-    _, config = _trainer_settings(profile, "sft")
-    config["corpus_dir"] = str(corpus_dir)
-    return _launch(context, pipes_subprocess_client, storage, "sft", {"sft_corpus": version}, config)
+    return _train_on_corpus(context, pipes_subprocess_client, storage, profile, "sft", "sft_corpus")
 
 
 @dg.asset(deps=[preference_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
 def dpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
             pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """Diffusion-DPO of a LoRA on the preference corpus against the frozen base as reference."""
-    corpus_dir, version = _corpus_input(storage, "preference_corpus")
-    _, config = _trainer_settings(profile, "dpo")
-    config["corpus_dir"] = str(corpus_dir)
-    return _launch(context, pipes_subprocess_client, storage, "dpo", {"preference_corpus": version}, config)
+    return _train_on_corpus(context, pipes_subprocess_client, storage, profile, "dpo", "preference_corpus")
 
 
 @dg.asset(deps=[sft_run, rl_prompt_pool], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")

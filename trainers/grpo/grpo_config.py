@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainers.config import LoRATrainingConfig
+
 
 def _default_lambdas() -> dict[str, float]:
     # λ of the λ-Harmonic reward per task: t2i has no references (λ unused: reward = CLIP_T).
@@ -11,10 +13,9 @@ def _default_lambdas() -> dict[str, float]:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LoRATrainingConfig):
     """Online GRPO (DDPO/Flow-GRPO-style stochastic DDIM policy) with λ-Harmonic CLIP rewards, DRS and DAR."""
 
-    pretrained_model: str = "zoo:t2i"  # diffusers StableDiffusionPipeline dir, or zoo:<name>
     init_adapter: str | None = None  # the SFT adapter dir (DyRef stage 1); also the frozen KL reference
     prompt_pool: str = ""  # rl_prompt_pool parquet: prompt_id, task, text, reference_images, ..., split
     clip_model: str = "zoo:clip"  # reward model for labelers.clip_scorer.ClipScorer
@@ -22,13 +23,6 @@ class GRPOConfig:
     clip_batch_size: int = 32
     output_dir: str = "runs/grpo"
     tasks: list[str] | None = None  # restrict the pool to these tasks (None: all)
-    resolution: int = 64
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    learning_rate: float = 1e-4
-    lr_warmup_steps: int = 0
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     # sampling (the policy)
     group_size: int = 4  # G images per prompt
     prompts_per_step: int = 2
@@ -60,10 +54,4 @@ class GRPOConfig:
     heldout_prompts: int = 4
     heldout_images_per_prompt: int = 2
     heldout_seed: int = 1234
-    seed: int = 0
     checkpoint_every: int = 2
-    keep_checkpoints: int = 2
-    resume: bool = True
-    mixed_precision: str = "no"
-    device: str | None = None  # None: accelerate's choice; "cpu" forces CPU
-    num_threads: int | None = None  # torch intra-op threads (None: torch default; 1 is fastest for tiny CPU runs)
