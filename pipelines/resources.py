@@ -3,6 +3,7 @@ at teardown; nothing heavy is imported when this module loads."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -74,11 +75,17 @@ class GeneratorResource(dg.ConfigurableResource):
         self._generators.clear()
 
 
+JUDGE_API_KEY_ENV = "PREFMILL_JUDGE_API_KEY"
+
+
 class JudgeResource(dg.ConfigurableResource):
-    """The VLM judge backend named by the profile (transformers locally, vLLM on GPU nodes)."""
+    """The VLM judge backend named by the profile: ``transformers`` locally, ``vllm`` on GPU nodes, ``openai`` for
+    an OpenAI-compatible endpoint (a vLLM server or a hosted model). The endpoint's key comes from the environment
+    (``PREFMILL_JUDGE_API_KEY`` through ``dagster.EnvVar``): it is never in a profile, a log or run config."""
 
     profile: ProfileResource
     device: str | None = None
+    api_key: str | None = None
     _judge: Any = PrivateAttr(default=None)
 
     def judge(self):
@@ -95,6 +102,11 @@ class JudgeResource(dg.ConfigurableResource):
                 spec.setdefault("dtype", settings.get("dtype", "float32"))
                 spec = {k: v for k, v in spec.items() if k in _init_params(TransformersJudge)}
                 self._judge = TransformersJudge(**spec)
+            elif backend == "openai":
+                from labelers.openai_judge import OpenAIJudge
+
+                spec = {k: v for k, v in spec.items() if k in _init_params(OpenAIJudge)}
+                self._judge = OpenAIJudge(api_key=self.api_key, **spec)
             elif backend == "vllm":
                 from labelers.judge import VllmJudge
 
@@ -145,7 +157,9 @@ def default_resources(data_root: str | None = None, profile: str | None = None) 
         "storage": StorageResource(root=data_root or default_data_root()),
         "profile": profile_resource,
         "generator": GeneratorResource(profile=profile_resource),
-        "judge": JudgeResource(profile=profile_resource),
+        # EnvVar keeps the key out of the run config and the UI; only set when the environment has one.
+        "judge": JudgeResource(profile=profile_resource,
+                               api_key=dg.EnvVar(JUDGE_API_KEY_ENV) if os.environ.get(JUDGE_API_KEY_ENV) else None),
         "clip": ClipResource(profile=profile_resource),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }

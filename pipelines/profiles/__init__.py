@@ -1,6 +1,8 @@
 """Profiles: which models and batch settings a setup uses. ``PREFMILL_PROFILE`` picks one (default ``tiny``).
 
 A profile is a YAML file; a name resolves to ``pipelines/profiles/<name>.yaml``, anything else is a path.
+``extends: <profile>`` starts from another profile; sections given here replace that profile's sections whole
+(so a judge section never mixes two backends' settings).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _load(path: str) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} is not a mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        if str(profile_path(parent)) == str(path):
+            raise ProfileError(f"profile {path} extends itself")
+        data = {**copy.deepcopy(_load(str(profile_path(parent)))), **data}
     missing = [s for s in REQUIRED_SECTIONS if s not in data]
     if missing:
         raise ProfileError(f"profile {path} lacks sections {missing}")
