@@ -7,6 +7,10 @@ Backends share the data types, the prompt and the parser:
   ``GrammarMatcher`` applied as a logits processor), so even a random model produces schema-valid JSON.
 * :class:`VllmJudge`: vLLM's offline engine (GPU extra) with structured JSON output and prefix caching.
 
+Both also expose ``generate_structured(messages_list, schema, attempt, seed)``: raw answers to arbitrary chats
+under an arbitrary JSON schema (the pairwise judge, :mod:`labelers.pairwise`, uses it); pointwise judging is
+``generate_structured`` on :func:`build_messages` chats with :func:`judgement_schema`.
+
 Every output goes through :func:`parse_judgement`. A bad output is retried (sampling, another seed) up to
 ``max_retries`` times and then reported as ``parse_error`` with the raw text and the reason — never a silent
 score. Items without a readable image are ``image_error`` and never reach the model.
@@ -188,6 +192,11 @@ def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[st
     return scores, feedback
 
 
+def schema_key(schema: dict) -> str:
+    """Cache key of a JSON schema: its canonical JSON (sorted keys, no whitespace)."""
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def judge_id(model_ref: str, rubric: Rubric) -> str:
     """Deterministic id of (judge model, rubric content): labels made with a different model or rubric differ."""
     return content_id("judge", str(model_ref), rubric.task, rubric.version, rubric.fingerprint)
@@ -327,7 +336,8 @@ def _chunks(seq: list, size: int) -> Iterable[list]:
 
 class _JudgeBase:
     """Shared driver: image checks, per-task batching, parsing and retries. Subclasses implement
-    ``_generate(items, rubric, attempt, batch_index) -> list[str]``."""
+    ``_generate(items, rubric, attempt, batch_index) -> list[str]`` and, for other answer formats (pairwise
+    verdicts, :mod:`labelers.pairwise`), ``generate_structured(messages_list, schema, attempt, seed)``."""
 
     model_ref: str
     batch_size: int
@@ -343,6 +353,12 @@ class _JudgeBase:
 
     def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
         raise NotImplementedError
+
+    def generate_structured(self, messages_list: list[list[dict]], schema: dict, attempt: int = 0,
+                            seed: int = 0) -> list[str]:
+        """One raw answer per chat of ``messages_list``, constrained to the JSON ``schema``; greedy at attempt 0,
+        sampling (seeded from the judge's seed, ``attempt`` and ``seed``) when ``attempt > 0``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate_structured")
 
     def judge(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
         """Judge ``items``; one result per item, in input order."""
@@ -537,27 +553,57 @@ class TransformersJudge(_JudgeBase):
         self._grammars.clear()
 
     def compiled_grammar(self, rubric: Rubric):
-        if rubric.fingerprint not in self._grammars:
-            schema = judgement_schema(rubric, self.feedback_max_chars)
-            self._grammars[rubric.fingerprint] = self._compiler.compile_json_schema(schema, any_whitespace=False)
-        return self._grammars[rubric.fingerprint]
+        """The compiled grammar of ``rubric``'s judgement schema (cached)."""
+        return self.compiled_schema(judgement_schema(rubric, self.feedback_max_chars))
+
+    def compiled_schema(self, schema: dict):
+        """xgrammar's compiled grammar of a JSON ``schema`` (no whitespace between tokens), cached by the schema's
+        canonical JSON so every distinct schema is compiled once per judge."""
+        if self._compiler is None:
+            raise RuntimeError("TransformersJudge.setup() was not called")
+        key = schema_key(schema)
+        if key not in self._grammars:
+            self._grammars[key] = self._compiler.compile_json_schema(schema, any_whitespace=False)
+        return self._grammars[key]
 
     # -- generation ------------------------------------------------------------------------------------------
     def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
+        messages = [build_messages(it, rubric, self.feedback_max_chars) for it in items]
+        schema = judgement_schema(rubric, self.feedback_max_chars)
+        return self.generate_structured(messages, schema, attempt=attempt, seed=batch_index)
+
+    def generate_structured(self, messages_list: list[list[dict]], schema: dict, attempt: int = 0,
+                            seed: int = 0) -> list[str]:
+        """Generate one answer per chat in ``messages_list``, each constrained to the JSON ``schema``.
+
+        Messages are in the :func:`build_messages` format (``{"type": "image", "image": PIL}`` parts holding
+        decoded RGB images). The schema is compiled with xgrammar once per distinct schema and cached. Chats are
+        generated in chunks of ``batch_size`` (left padding, one grammar matcher per sequence). Attempt 0 decodes
+        greedily (or samples at ``temperature`` when it is > 0); ``attempt > 0`` samples at ``retry_temperature``.
+        Chunk ``k`` is seeded with ``self.seed + 1_000_003 * attempt + seed + k`` under a forked RNG, so outputs are
+        reproducible and the caller's RNG is untouched; the pointwise driver passes its batch index as ``seed``.
+        Returns the decoded texts (special tokens removed), one per chat, in input order.
+        """
         if self.model is None:
             raise RuntimeError("TransformersJudge.setup() was not called")
-        import torch
+        outputs: list[str] = []
+        for k, chunk in enumerate(_chunks(list(messages_list), self.batch_size)):
+            outputs += self._generate_chunk(chunk, schema, attempt, int(seed) + k)
+        return outputs
 
-        messages = [build_messages(it, rubric, self.feedback_max_chars) for it in items]
-        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-        images = [img for m in messages for img in message_images(m)]
+    def _generate_chunk(self, messages_list: list[list[dict]], schema: dict, attempt: int, seed: int) -> list[str]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                 for m in messages_list]
+        images = [img for m in messages_list for img in message_images(m)]
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        processor = _make_grammar_processor(self.compiled_grammar(rubric), len(items), self._vocab_size, self._stop_ids)
-        from transformers import LogitsProcessorList
-
+        processor = _make_grammar_processor(self.compiled_schema(schema), len(messages_list), self._vocab_size,
+                                            self._stop_ids)
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "logits_processor": LogitsProcessorList([processor]),
@@ -572,7 +618,7 @@ class TransformersJudge(_JudgeBase):
             gen_kwargs.update(do_sample=True, temperature=self.retry_temperature, top_p=1.0, top_k=0)
         devices = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), torch_threads(self.cpu_threads):
-            torch.manual_seed(self.seed + 1_000_003 * attempt + batch_index)
+            torch.manual_seed(self.seed + 1_000_003 * attempt + seed)
             out = self.model.generate(**inputs, **gen_kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -585,9 +631,13 @@ def build_vllm_requests(items: Sequence[JudgeItem], rubric: Rubric, processor: A
                         feedback_max_chars: int = FEEDBACK_MAX_CHARS) -> list[dict]:
     """vLLM offline prompts for ``items`` (already image-checked): ``{"prompt": str, "multi_modal_data":
     {"image": PIL | [PIL, ...]}}``, the prompt rendered with ``processor``'s chat template. Pure (no vllm)."""
+    return vllm_requests_from_messages([build_messages(it, rubric, feedback_max_chars) for it in items], processor)
+
+
+def vllm_requests_from_messages(messages_list: Sequence[list[dict]], processor: Any) -> list[dict]:
+    """vLLM offline prompts for chats in the :func:`build_messages` format (images inline as PIL parts). Pure."""
     requests = []
-    for item in items:
-        messages = build_messages(item, rubric, feedback_max_chars)
+    for messages in messages_list:
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images = message_images(messages)
         request: dict[str, Any] = {"prompt": prompt}
@@ -694,14 +744,25 @@ class VllmJudge(_JudgeBase):
         self.processor = None
 
     def _generate(self, items: list[JudgeItem], rubric: Rubric, attempt: int, batch_index: int) -> list[str]:
+        messages = [build_messages(it, rubric, self.feedback_max_chars) for it in items]
+        schema = judgement_schema(rubric, self.feedback_max_chars)
+        return self.generate_structured(messages, schema, attempt=attempt, seed=batch_index)
+
+    def generate_structured(self, messages_list: list[list[dict]], schema: dict, attempt: int = 0,
+                            seed: int = 0) -> list[str]:
+        """One answer per chat, constrained to the JSON ``schema`` by vLLM's structured outputs; all chats go
+        to the engine in one ``generate`` call (it batches and shares cached prefixes itself). Greedy at attempt
+        0; ``attempt > 0`` samples at ``retry_temperature`` with seed ``self.seed + 1_000_003 * attempt + seed``."""
         if self.llm is None:
             raise RuntimeError("VllmJudge.setup() was not called")
-        requests = build_vllm_requests(items, rubric, self.processor, self.feedback_max_chars)
+        requests = vllm_requests_from_messages(list(messages_list), self.processor)
+        if not requests:
+            return []
         params = vllm_structured_sampling_params(
-            judgement_schema(rubric, self.feedback_max_chars),
+            schema,
             max_tokens=self.max_new_tokens,
             temperature=0.0 if attempt == 0 else self.retry_temperature,
-            seed=None if attempt == 0 else self.seed + 1_000_003 * attempt + batch_index,
+            seed=None if attempt == 0 else self.seed + 1_000_003 * attempt + int(seed),
         )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [out.outputs[0].text if out.outputs else "" for out in outputs]
