@@ -24,7 +24,9 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     from labelers.rubrics import all_dimensions
     from labelers.stage import LabelingStage
     from labelers.validation import label_problems
-    from pipelines.labels import label_partition
+    from pipelines.candidates import load_candidate_images
+    from pipelines.io import write_parquet
+    from pipelines.labels import add_diversity, label_partition
 
     key = context.partition_key
     layout = storage.layout
@@ -46,12 +48,20 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         batch_size=settings["judge"].get("batch_size", 8),
         log=context.log.info,
     )
+    diversity = rewards.get("diversity", {})
+    if diversity.get("enabled"):
+        shard_dir = layout.asset_dir("candidate_images", key) / "shards"
+        ok_ids = set(labels.filter(pl.col("status") == "ok")["candidate_id"].to_list())
+        labels = add_diversity(labels, key, load_candidate_images(shard_dir, ok_ids), clip.scorer(),
+                               layout.asset_dir("reward_labels") / "_diversity", diversity.get("ema_decay", 0.9),
+                               log=context.log.info)
+        write_parquet(labels, layout.labels(key))
     problems = label_problems(labels, dict(zip(prompts["prompt_id"], prompts["task"])))
     by_status = dict(labels.group_by("status").len().iter_rows())
     ok = labels.filter(pl.col("status") == "ok")
     dims = [d for d in all_dimensions() if d in labels.columns and ok[d].null_count() < len(ok)]
     means = {d: round(float(ok[d].mean()), 4) for d in dims} if len(ok) else {}
-    for name in ("clip_t", "clip_i", "lambda_harmonic", "reward"):
+    for name in ("clip_t", "clip_i", "lambda_harmonic", "reward", "diversity"):
         if len(ok) and ok[name].null_count() < len(ok):
             means[name] = round(float(ok[name].mean()), 4)
     parse_errors = by_status.get("parse_error", 0)

@@ -6,14 +6,18 @@ import dagster as dg
 from assets._metadata import counts_md, histogram_md, path_md
 from assets.labels import reward_labels
 from pipelines.partitions import prompt_batch_partitions
-from pipelines.resources import ProfileResource, StorageResource
+from pipelines.resources import JudgeResource, ProfileResource, StorageResource
+
+POINTWISE_KEYS = ("strategy", "min_margin", "tau", "tie_policy", "label_mode", "seed", "max_pairs_per_prompt")
 
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[reward_labels], group_name="labelling", kinds={"parquet"})
-def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource,
-                     profile: ProfileResource) -> dg.MaterializeResult:
-    """Pairs chosen/rejected candidates of one prompt by the aggregate reward; P(chosen≻rejected) is the
-    Bradley-Terry probability σ(Δr/τ). Held-out prompts never make pairs (they are for evaluation)."""
+def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+                     judge: JudgeResource) -> dg.MaterializeResult:
+    """Pairs of one prompt's candidates. ``pairs.mode: pointwise`` (default) orders them by the aggregate reward,
+    P(chosen≻rejected) = σ(Δr/τ); ``pairwise`` asks the judge to compare each pair in both orders (an
+    order-inconsistent answer is a tie) and fits Bradley-Terry strengths per prompt to the verdicts. Held-out
+    prompts never make pairs (they are for evaluation)."""
     import polars as pl
 
     from labelers.pairs import select_pairs
@@ -21,18 +25,41 @@ def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource
 
     key = context.partition_key
     layout = storage.layout
-    settings = profile.settings()["pairs"]
+    settings = dict(profile.settings()["pairs"])
+    mode = settings.pop("mode", "pointwise")
     labels = pl.read_parquet(layout.labels(key))
-    prompts = pl.read_parquet(layout.prompts(key)).select("prompt_id", "split")
+    prompts = pl.read_parquet(layout.prompts(key))
     candidates = pl.read_parquet(layout.candidates(key)).select("candidate_id", "image_sha256")
-    labels = labels.join(candidates, on="candidate_id", how="left").join(prompts, on="prompt_id", how="left")
+    labels = labels.join(candidates, on="candidate_id", how="left").join(
+        prompts.select("prompt_id", "split"), on="prompt_id", how="left")
     heldout = labels.filter(pl.col("split") == "heldout")
-    pairs, drops = select_pairs(labels.filter(pl.col("split") != "heldout"), **settings)
+    train = labels.filter(pl.col("split") != "heldout")
+    extra: dict = {}
+    if mode == "pointwise":
+        pairs, drops = select_pairs(train, **{k: v for k, v in settings.items() if k in POINTWISE_KEYS})
+    elif mode == "pairwise":
+        from labelers.diagnostics import position_bias_rate
+        from labelers.pairwise import PairwiseJudge
+        from pipelines.candidates import load_candidate_images
+        from pipelines.pairwise_stage import pairwise_partition
+
+        images = load_candidate_images(layout.asset_dir("candidate_images", key) / "shards",
+                                       set(train["candidate_id"].to_list()))
+        pairs, drops, verdicts = pairwise_partition(
+            PairwiseJudge(judge.judge()), train, prompts, images, layout.asset_dir("preference_pairs", key),
+            settings, profile.settings()["judge"].get("batch_size", 8), context.log.info)
+        ok = verdicts.filter(pl.col("status") == "ok").rename({"answer_ab": "first_order", "answer_ba": "second_order"})
+        extra = {"num_verdicts": len(verdicts), "position_bias_rate": position_bias_rate(ok) if len(ok) else 0.0,
+                 "verdicts": path_md(layout.asset_dir("preference_pairs", key) / "verdicts.parquet")}
+    else:
+        raise dg.Failure(f"pairs.mode {mode!r} is not one of pointwise, pairwise")
     drops = dict(drops)
     if len(heldout):
         drops["heldout_prompt"] = len(heldout)
     path = write_parquet(pairs, layout.pairs(key))
     return dg.MaterializeResult(metadata={
+        "mode": mode,
+        **extra,
         "num_pairs": len(pairs),
         "drops_by_reason": counts_md(drops),
         "p_chosen_histogram": histogram_md(pairs["p_chosen"].to_list(), lo=0.5, hi=1.0),

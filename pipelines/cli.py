@@ -65,7 +65,7 @@ def summary(root: Path) -> str:
         by_status = ", ".join(f"{s}={n}" for s, n in sorted(labels.group_by("status").len().iter_rows()))
         out.append(f"labels          {len(labels)} ({by_status})   {layout.asset_dir('reward_labels')}")
         ok = labels.filter(pl.col("status") == "ok")
-        dims = [d for d in all_dimensions() + ["clip_t", "clip_i", "lambda_harmonic", "reward"]
+        dims = [d for d in all_dimensions() + ["clip_t", "clip_i", "lambda_harmonic", "reward", "diversity"]
                 if d in ok.columns and ok[d].null_count() < len(ok)]
         for dim in dims:
             out.append(f"  mean {dim:<22} {ok[dim].mean():.4f}")

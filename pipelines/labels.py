@@ -63,3 +63,50 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
                          on=["candidate_id", "judge_id"], how="left")
     write_parquet(labels, out_path)
     return labels, len(todo)
+
+
+def add_diversity(labels, partition: str, images: dict, scorer, state_dir: Path, decay: float,
+                  log: Callable[[str], None] = print):
+    """Add the ``diversity`` column: each ok candidate's leave-one-out effect on the CLIP-feature FID of its
+    partition against feature moments kept as an exponential moving average across partitions (the GRPO/LOO-FID
+    paper's distribution-level reward). The moments are read and updated under a file lock, so partitions running
+    side by side take turns; a partition's values are stored and reused, so a re-run neither recomputes them nor
+    folds the partition into the moments twice. Non-ok rows and partitions with fewer than 3 ok images get null."""
+    import fcntl
+
+    import numpy as np
+    import polars as pl
+
+    from labelers.diversity import FeatureMoments, loo_fid_diversity
+    from pipelines.io import write_parquet
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stored_path = state_dir / "partitions" / f"{partition}.parquet"
+    ok = labels.filter(pl.col("status") == "ok")
+    keys = [k for k in ok["candidate_id"].to_list() if not isinstance(images.get(k), (Exception, type(None)))]
+    if stored_path.exists():
+        stored = pl.read_parquet(stored_path)
+        if set(stored["candidate_id"].to_list()) == set(keys):
+            log(f"diversity: reusing the values stored for partition {partition}")
+            return labels.drop("diversity", strict=False).join(stored, on="candidate_id", how="left")
+    values = np.full(len(keys), np.nan)
+    if len(keys) >= 3:
+        features = scorer.embed_images([images[k] for k in keys]).numpy().astype(np.float64)
+        moments_path = state_dir / "clip_feature_moments.safetensors"
+        with open(state_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            reference = FeatureMoments.load(moments_path) if moments_path.exists() else None
+            if reference is None or reference.dim != features.shape[1]:
+                # The first partition (or a new feature space) is its own reference and starts the moments.
+                reference = FeatureMoments.from_features(features)
+                values = loo_fid_diversity(features, reference)
+            else:
+                values = loo_fid_diversity(features, reference)
+                reference.ema_update(features, decay)
+            reference.save(moments_path)
+        log(f"diversity: {len(keys)} candidates against moments of {reference.count} features")
+    stored = pl.DataFrame({"candidate_id": keys, "diversity": values}, schema={"candidate_id": pl.String,
+                                                                              "diversity": pl.Float64})
+    stored = stored.with_columns(pl.col("diversity").fill_nan(None))
+    write_parquet(stored, stored_path)
+    return labels.drop("diversity", strict=False).join(stored, on="candidate_id", how="left")

@@ -106,6 +106,8 @@ def test_prompts_candidates_labels_pairs_follow_the_contracts(graph_run):
         assert len(task_dims) == 3 and all(0 <= row[d] <= 5 for d in task_dims)
         assert all(isinstance(row[f"{d}_feedback"], str) for d in task_dims)
         assert row["reward"] is not None and row["lambda_harmonic"] is not None
+        assert row["diversity"] is not None  # LOO-FID against the EMA feature moments
+    assert (data / "reward_labels" / "_diversity" / "clip_feature_moments.safetensors").exists()
 
     pairs = pl.read_parquet(data / "preference_pairs/e2e/pairs.parquet")
     assert pairs.columns == ["pair_id", "prompt_id", "chosen_id", "rejected_id", "p_chosen", "margin", "strategy",

@@ -78,3 +78,38 @@ def test_killed_labelling_resumes_without_relabelling(tmp_path):
     third = _CountingStage()
     again, labelled_now = label_partition(third, **args)
     assert third.seen == [] and labelled_now == 0 and len(again) == 7
+
+
+class _FeatureScorer:
+    """Stands in for ClipScorer.embed_images (the real one is covered by test_judge_model): features from pixels."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed_images(self, images):
+        import numpy as np
+        import torch
+
+        self.calls += 1
+        return torch.tensor(np.stack([np.asarray(im, dtype=np.float32).reshape(-1)[:16] / 255.0 for im in images]))
+
+
+def test_diversity_is_stored_per_partition_and_reused(tmp_path):
+    import numpy as np
+
+    from labelers.diversity import FeatureMoments
+    from pipelines.labels import add_diversity
+
+    rng = np.random.default_rng(0)
+    images = {f"c{i}": Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)) for i in range(6)}
+    labels = pl.DataFrame({"candidate_id": list(images), "status": ["ok"] * 5 + ["parse_error"]})
+    scorer = _FeatureScorer()
+    first = add_diversity(labels, "p1", images, scorer, tmp_path, decay=0.5, log=lambda m: None)
+    assert first["diversity"].null_count() == 1 and first.filter(pl.col("status") == "parse_error")["diversity"][0] is None
+    moments = FeatureMoments.load(tmp_path / "clip_feature_moments.safetensors")
+    assert moments.count == 5
+    again = add_diversity(labels, "p1", images, scorer, tmp_path, decay=0.5, log=lambda m: None)
+    assert scorer.calls == 1 and again.equals(first)  # reused: not recomputed, not folded into the moments twice
+    assert FeatureMoments.load(tmp_path / "clip_feature_moments.safetensors").count == 5
+    add_diversity(labels, "p2", images, scorer, tmp_path, decay=0.5, log=lambda m: None)
+    assert FeatureMoments.load(tmp_path / "clip_feature_moments.safetensors").count == 10
