@@ -192,3 +192,26 @@ def test_rematerializing_reuses_versions_and_runs(graph_run):
     assert _meta(again, "sft_corpus")["created"].value is False
     assert _meta(again, "preference_corpus")["created"].value is False
     assert _meta(again, "sft_run")["reused"].value is True
+
+
+def test_pairwise_mode_rebuilds_pairs_from_judge_verdicts(graph_run, tmp_path):
+    """The same partition's pairs in pairwise mode: the judge compares candidates in both orders, BT strengths are
+    fitted per prompt, and the pairs keep the contract."""
+    data, _, _, instance = graph_run
+    profile = tmp_path / "tiny_pairwise.yaml"
+    profile.write_text("extends: tiny\nname: tiny_pairwise\n"
+                       "pairs: {mode: pairwise, max_pairs_per_prompt: 3, tie_policy: keep, bt_prior: 0.1}\n")
+    pairs_asset = [a for a in ALL_ASSETS if a.key.to_user_string() == "preference_pairs"]
+    result = dg.materialize(pairs_asset, partition_key="e2e", instance=instance,
+                            resources=default_resources(str(data), str(profile)))
+    assert result.success
+    meta = _meta(result, "preference_pairs")
+    assert meta["mode"].value == "pairwise" and 0.0 <= meta["position_bias_rate"].value <= 1.0
+    verdicts = pl.read_parquet(data / "preference_pairs/e2e/verdicts.parquet")
+    train_prompts = sum(train for train, _ in QUOTA.values())  # each with 4 candidates -> up to 3 pairs
+    assert 0 < len(verdicts) <= 3 * train_prompts and set(verdicts["status"]) <= {"ok", "parse_error", "image_error"}
+    assert set(verdicts.filter(pl.col("status") == "ok")["verdict"]) <= {"first", "second", "tie"}
+    pairs = pl.read_parquet(data / "preference_pairs/e2e/pairs.parquet")
+    assert pairs.columns == ["pair_id", "prompt_id", "chosen_id", "rejected_id", "p_chosen", "margin", "strategy",
+                             "label"]
+    assert set(pairs["strategy"]) <= {"pairwise_judge"}
