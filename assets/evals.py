@@ -47,7 +47,8 @@ def build_eval_asset(run_asset: dg.AssetsDefinition, trainer: str) -> dg.AssetsD
         rewards = settings["rewards"]
         stage = LabelingStage(judge=judge.judge(), scorer=clip.scorer(), lambdas=rewards["lambda"],
                               drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
-                              judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5))
+                              judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
+                              preference_scorer=clip.preference_scorer())
         table, summary = evaluate_adapter(generator.for_task("t2i"), stage, rows, adapter,
                                           settings["eval"]["seeds_per_prompt"], sources, references)
         out = layout.eval_root(trainer) / run.name

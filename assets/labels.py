@@ -36,6 +36,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         judge=judge.judge(), scorer=clip.scorer(), lambdas=rewards["lambda"],
         drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
         judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
+        preference_scorer=clip.preference_scorer(),
     )
     prompts = pl.read_parquet(layout.prompts(key))
     labels, relabelled = label_partition(

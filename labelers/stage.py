@@ -38,7 +38,8 @@ def label_columns(dimensions: Sequence[str] | None = None) -> list[str]:
     for d in dims:
         cols += [d, f"{d}_feedback"]
     return cols + [
-        "clip_t", "clip_i", "clip_i_per_ref", "lambda_harmonic", "reward", "status", "error", "raw_judgement",
+        "clip_t", "clip_i", "clip_i_per_ref", "lambda_harmonic", "preference_score", "reward", "status", "error",
+        "raw_judgement",
     ]
 
 
@@ -57,6 +58,7 @@ def label_schema(dimensions: Sequence[str] | None = None) -> dict:
             "clip_i": pl.Float64,
             "clip_i_per_ref": pl.List(pl.Float64),
             "lambda_harmonic": pl.Float64,
+            "preference_score": pl.Float64,
             "reward": pl.Float64,
             "status": pl.Utf8,
             "error": pl.Utf8,
@@ -76,11 +78,14 @@ class LabelingStage:
         judge_weight: float = 0.5,
         clip_weight: float = 0.5,
         dimensions: Sequence[str] | None = None,
+        preference_scorer: Any | None = None,
     ):
         if judge is None and scorer is None:
             raise ValueError("LabelingStage needs a judge, a CLIP scorer or both")
         self.judge = judge
         self.scorer = scorer
+        # A PickScore/HPS-style CLIP checkpoint (optional): its image-text similarity, stored as preference_score.
+        self.preference_scorer = preference_scorer
         self.lambdas = {**DEFAULT_LAMBDAS, **dict(lambdas or {})}
         # ``drs``: None, or {k0, k1, tau} (any omitted take DyRef's defaults); a profile's ``enabled`` flag is
         # honoured (``enabled: false`` -> no DRS) and not passed on.
@@ -164,6 +169,12 @@ class LabelingStage:
             scores = self.scorer.score([it.image for _, it in items], [it.text for _, it in items], refs)
             clip_scores = {i: s for (i, _), s in zip(items, scores)}
 
+        preference: dict[int, float] = {}
+        if self.preference_scorer is not None and items:
+            pref = self.preference_scorer.score([it.image for _, it in items], [it.text for _, it in items],
+                                                [[] for _ in items])
+            preference = {i: s.clip_t for (i, _), s in zip(items, pref)}
+
         judged: dict[int, Any] = {}
         if self.judge is not None and items:
             results = self.judge.judge([it for _, it in items])
@@ -180,6 +191,8 @@ class LabelingStage:
                 lam_h = float(lambda_harmonic_fn(clip_i_for_reward, cs.clip_t, self.lambdas.get(it.task, 0.0)))
                 row.update(clip_t=cs.clip_t, clip_i=cs.clip_i, clip_i_per_ref=list(cs.clip_i_per_ref),
                            lambda_harmonic=lam_h)
+            if i in preference:
+                row["preference_score"] = float(preference[i])
             result = judged.get(i)
             status, error, judge_scores = STATUS_OK, None, None
             if result is not None:

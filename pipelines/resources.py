@@ -127,6 +127,23 @@ class ClipResource(dg.ConfigurableResource):
     profile: ProfileResource
     device: str | None = None
     _scorer: Any = PrivateAttr(default=None)
+    _preference: Any = PrivateAttr(default=None)
+
+    def preference_scorer(self):
+        """The profile's optional preference scorer (``clip.preference_model``, a PickScore/HPS-style CLIP), or None."""
+        settings = self.profile.settings()
+        spec = settings["clip"]
+        if not spec.get("preference_model"):
+            return None
+        if self._preference is None:
+            from labelers.clip_scorer import ClipScorer
+
+            self._preference = ClipScorer(model=spec["preference_model"],
+                                          backend=spec.get("preference_backend", "transformers"),
+                                          device=self.device or settings.get("device", "cpu"),
+                                          batch_size=spec.get("batch_size", 32), cpu_threads=settings.get("cpu_threads"))
+            self._preference.setup()
+        return self._preference
 
     def scorer(self):
         if self._scorer is None:
@@ -143,6 +160,7 @@ class ClipResource(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self._scorer = None
+        self._preference = None
 
 
 def _init_params(cls) -> set[str]:
