@@ -21,6 +21,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     cannot be scored keeps its status (image_error, parse_error) and error instead of being dropped or zeroed."""
     import polars as pl
 
+    from labelers.diagnostics import diagnostics_markdown, judge_clip_agreement
     from labelers.rubrics import all_dimensions
     from labelers.stage import LabelingStage
     from labelers.validation import label_problems
@@ -77,6 +78,8 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
             "by_status": counts_md(by_status, "status"),
             "parse_error_rate": parse_errors / max(1, len(labels)),
             "mean_by_dimension": counts_md(means, "dimension", "mean"),
+            "judge_clip_agreement": judge_clip_agreement(labels)["agreement"],
+            "judge_diagnostics": dg.MetadataValue.md(diagnostics_markdown(labels)),
             "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
             "path": path_md(layout.labels(key)),
         },

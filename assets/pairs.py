@@ -40,14 +40,17 @@ def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource
     elif mode == "pairwise":
         from labelers.pairwise import PairwiseJudge
         from pipelines.candidates import load_candidate_images
-        from pipelines.pairwise_stage import pairwise_partition, position_bias_rate
+        from labelers.diagnostics import position_bias_rate
+        from pipelines.pairwise_stage import pairwise_partition
 
         images = load_candidate_images(layout.asset_dir("candidate_images", key) / "shards",
                                        set(train["candidate_id"].to_list()))
         pairs, drops, verdicts = pairwise_partition(
             PairwiseJudge(judge.judge()), train, prompts, images, layout.asset_dir("preference_pairs", key),
             settings, profile.settings()["judge"].get("batch_size", 8), context.log.info)
-        extra = {"num_verdicts": len(verdicts), "position_bias_rate": position_bias_rate(verdicts),
+        answered = verdicts.filter(pl.col("status") == "ok").rename(
+            {"answer_ab": "first_order", "answer_ba": "second_order"})
+        extra = {"num_verdicts": len(verdicts), "position_bias_rate": position_bias_rate(answered),
                  "verdicts": path_md(layout.asset_dir("preference_pairs", key) / "verdicts.parquet")}
     else:
         raise dg.Failure(f"pairs.mode {mode!r} is not one of pointwise, pairwise")

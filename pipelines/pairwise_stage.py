@@ -62,18 +62,6 @@ def verdicts_frame(verdicts):
                                 for f in fields})
 
 
-def position_bias_rate(verdicts) -> float:
-    """Among ok verdicts, the fraction whose two orders picked the same *position* ("A" both times or "B" both
-    times): the judge preferred a slot, not an image."""
-    import polars as pl
-
-    ok = verdicts.filter(pl.col("status") == "ok")
-    if not len(ok):
-        return 0.0
-    same_slot = (pl.col("answer_ab") == pl.col("answer_ba")) & pl.col("answer_ab").is_in(["A", "B"])
-    return float(ok.select(same_slot.cast(pl.Float64).mean()).item())
-
-
 def pairwise_partition(pairwise_judge, labels, prompts, images: dict, out_dir: Path, settings: dict[str, Any],
                        batch_size: int, log: Callable[[str], None] = print):
     """Returns (pairs, drops, verdicts table). Verdicts are written to ``out_dir/verdicts.parquet``."""

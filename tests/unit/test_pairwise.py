@@ -297,14 +297,3 @@ def test_real_tiny_judge_pairs(tiny_pairwise):
     assert pairs.height + sum(drops.values()) == 2
     assert tiny_pairwise.judge_id_for("t2i") != tiny_pairwise.backend.judge_id_for("t2i")
 
-
-def test_position_bias_rate_counts_same_slot_answers():
-    import polars as pl
-
-    from pipelines.pairwise_stage import position_bias_rate
-
-    verdicts = pl.DataFrame({"status": ["ok", "ok", "ok", "ok", "parse_error"],
-                             "answer_ab": ["A", "B", "A", "tie", None], "answer_ba": ["A", "A", "B", "tie", None]})
-    # ok rows: (A,A) picks slot A both times -> biased; (B,A) and (A,B) pick different slots; (tie,tie) picks none
-    # -> 1 of the 4 ok rows; the parse_error row does not count
-    assert position_bias_rate(verdicts) == 0.25
