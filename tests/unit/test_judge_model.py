@@ -220,3 +220,19 @@ def test_labeling_stage_with_tiny_models(judge, scorer):
 
     table = pl.DataFrame(out, schema=label_schema())
     assert table.height == 4 and table["clip_i_per_ref"].to_list()[1] == []
+
+
+def test_prefix_cache_changes_speed_not_answers(judge_dir):
+    """The shared rubric prefix computed once (prefix_cache) must give exactly the answers of a full prefill."""
+    items = [JudgeItem(key=f"k{i}", task=task, text="a red fox", image=img,
+                       source_image=img if task == "edit" else None,
+                       reference_images=(img,) if task == "multi_ref" else ())
+             for i, (task, img) in enumerate(zip(["t2i", "t2i", "edit", "multi_ref"], images(4)))]
+    answers = {}
+    for cached in (True, False):
+        j = TransformersJudge(str(judge_dir), batch_size=4, max_new_tokens=256, model_ref="zoo:judge",
+                              cpu_threads=1, prefix_cache=cached)
+        j.setup()
+        answers[cached] = [(r.status, r.raw) for r in j.judge(items)]
+    assert answers[True] == answers[False]
+    assert all(status == "ok" for status, _ in answers[True])
