@@ -68,7 +68,7 @@ def summary(root: Path) -> str:
         dims = [d for d in all_dimensions() + ["clip_t", "clip_i", "lambda_harmonic", "reward", "diversity"]
                 if d in ok.columns and ok[d].null_count() < len(ok)]
         for dim in dims:
-            out.append(f"  mean {dim:<22} {ok[dim].mean():.4f}")
+            out.append(f"  mean {dim:<22} {ok[dim].mean():.4g}")
     parts = finished_partitions(layout, "preference_pairs", "pairs.parquet")
     pairs = sum(pl.scan_parquet(layout.pairs(p)).select(pl.len()).collect().item() for p in parts)
     out.append(f"pairs           {pairs}   {layout.asset_dir('preference_pairs')}")
