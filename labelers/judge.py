@@ -133,14 +133,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[str, str]]:
-    """Validate a judge output against ``rubric``; returns ``(scores, feedback)`` keyed by dimension.
-
-    Raises :class:`JudgementParseError` on: empty output, text that is not JSON, truncated JSON, a non-object,
-    duplicate / missing / unexpected keys, a score that is not a number in [0, 5] (booleans and NaN included),
-    feedback that is not a string. A single surrounding Markdown code fence (```json ... ```) is tolerated —
-    unconstrained backends (an OpenAI-compatible endpoint) often add one. Pure function.
-    """
+def decode_json_object(raw: Any) -> dict:
+    """A model's output as a JSON object, or :class:`JudgementParseError` naming what is wrong: not text, empty,
+    not JSON, truncated JSON, duplicate keys, not an object. A single surrounding Markdown code fence is tolerated,
+    and so are raw control characters inside strings (``strict=False``; callers clean the text fields)."""
     if not isinstance(raw, str):
         raise JudgementParseError(f"output is {type(raw).__name__}, not text")
     text = raw.strip()
@@ -150,7 +146,6 @@ def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[st
     if fence:
         text = fence.group(1).strip()
     try:
-        # strict=False: raw control characters inside strings are tolerated (cleaned from the feedback below).
         data = json.loads(text, strict=False, object_pairs_hook=_no_duplicate_keys)
     except JudgementParseError:
         raise
@@ -160,6 +155,18 @@ def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[st
         raise JudgementParseError(f"not JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
     if not isinstance(data, dict):
         raise JudgementParseError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[str, str]]:
+    """Validate a judge output against ``rubric``; returns ``(scores, feedback)`` keyed by dimension.
+
+    Raises :class:`JudgementParseError` on: empty output, text that is not JSON, truncated JSON, a non-object,
+    duplicate / missing / unexpected keys, a score that is not a number in [0, 5] (booleans and NaN included),
+    feedback that is not a string. A single surrounding Markdown code fence (```json ... ```) is tolerated —
+    unconstrained backends (an OpenAI-compatible endpoint) often add one. Pure function.
+    """
+    data = decode_json_object(raw)
     names = list(rubric.dimension_names)
     missing = [n for n in names if n not in data]
     if missing:

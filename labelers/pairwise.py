@@ -33,15 +33,14 @@ from labelers.bradley_terry import BTFit, fit_bradley_terry, stable_sigmoid
 from labelers.hashing import content_id
 from labelers.judge import (
     _CONTROL_RE,
-    _FENCE_RE,
     FEEDBACK_MAX_CHARS,
     STATUS_IMAGE_ERROR,
     STATUS_OK,
     STATUS_PARSE_ERROR,
     JudgementParseError,
+    decode_json_object,
     _image_part,
     _load_image,
-    _no_duplicate_keys,
     _text_part,
     feedback_pattern,
 )
@@ -216,24 +215,7 @@ def parse_verdict(raw: str) -> tuple[str, str]:
     duplicate / missing / unexpected keys, a verdict outside A/B/tie, or a reason that is not a string.
     Control characters in the reason are collapsed to spaces. Pure function.
     """
-    if not isinstance(raw, str):
-        raise JudgementParseError(f"output is {type(raw).__name__}, not text")
-    text = raw.strip()
-    if not text:
-        raise JudgementParseError("empty output")
-    fence = _FENCE_RE.match(text)
-    if fence:
-        text = fence.group(1).strip()
-    try:
-        data = json.loads(text, strict=False, object_pairs_hook=_no_duplicate_keys)
-    except JudgementParseError:
-        raise
-    except json.JSONDecodeError as e:
-        if e.pos >= len(text) or e.msg.startswith("Unterminated string"):
-            raise JudgementParseError(f"truncated JSON ({e.msg} at char {e.pos} of {len(text)})") from None
-        raise JudgementParseError(f"not JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
-    if not isinstance(data, dict):
-        raise JudgementParseError(f"expected a JSON object, got {type(data).__name__}")
+    data = decode_json_object(raw)
     missing = [k for k in ("verdict", "reason") if k not in data]
     if missing:
         raise JudgementParseError(f"missing key(s) {missing}")
