@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _timing import alternate  # noqa: E402  (bench/ is on sys.path when the script runs)
+
 
 def image(i: int, size: int = 64):
     from PIL import Image, ImageDraw
@@ -107,15 +109,7 @@ def main(argv: list[str] | None = None) -> float:
 
     runs = {"batched": lambda: scorer.score(images, texts, refs),
             "per-image loop": lambda: naive.score(images, texts, refs)}
-    walls = {name: [] for name in runs}
-    cpus = {name: [] for name in runs}
-    results = {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():  # alternate, so background load hits both
-            w0, c0 = time.perf_counter(), time.process_time()
-            results[name] = run()
-            walls[name].append(time.perf_counter() - w0)
-            cpus[name].append(time.process_time() - c0)
+    results, walls, cpus = alternate(runs, args.repeats)
 
     diff = 0.0
     for s, (clip_t, sims) in zip(results["batched"], results["per-image loop"]):

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _timing import alternate  # noqa: E402  (bench/ is on sys.path when the script runs)
+
 SUBJECTS = ("a red fox in snow", "a blue car on a bridge", "two cats on a sofa", "a lighthouse at dusk",
             "a bowl of green apples", "a yellow kite over the sea", "a wooden cabin in a forest", "a robot reading")
 
@@ -106,15 +108,8 @@ def main(argv: list[str] | None = None) -> float:
         judges[name] = judge
         print(f"# {name}: batch_size={bs}, setup + warm-up {time.perf_counter() - t0:.1f} s", flush=True)
 
-    walls = {name: [] for name in judges}
-    cpus = {name: [] for name in judges}
-    last = {}
-    for _ in range(args.repeats):
-        for name, judge in judges.items():  # alternate, so background load hits both
-            w0, c0 = time.perf_counter(), time.process_time()
-            last[name] = judge.judge(items)
-            walls[name].append(time.perf_counter() - w0)
-            cpus[name].append(time.process_time() - c0)
+    last, walls, cpus = alternate({name: (lambda j=judge: j.judge(items)) for name, judge in judges.items()},
+                                  args.repeats)
 
     first = judges["batched"]
     print(f"images={args.images} source={args.source} task=t2i batch_size={args.batch_size} repeats={args.repeats} "

@@ -293,25 +293,35 @@ def _load_image(image: Any, what: str) -> tuple[Any | None, str | None]:
     return None, f"unsupported {what} type {type(image).__name__}"
 
 
+def load_conditioning(task: str, source_image: Any, reference_images: Sequence[Any],
+                      what: str = "item") -> tuple[Any | None, list[Any], str | None]:
+    """Decode what a task conditions on: the edit source (``edit``) and the references (``multi_ref``).
+    Returns (source, references, None) or (None, [], image error)."""
+    source = None
+    if task == "edit":
+        source, err = _load_image(source_image, "source image")
+        if err:
+            return None, [], err
+    refs = []
+    if task == "multi_ref":
+        if not reference_images:
+            return None, [], f"multi_ref {what} without reference images"
+        for i, ref in enumerate(reference_images):
+            img, err = _load_image(ref, f"reference image {i}")
+            if err:
+                return None, [], err
+            refs.append(img)
+    return source, refs, None
+
+
 def prepare_item(item: JudgeItem) -> tuple[JudgeItem | None, str | None]:
     """Decode every image of ``item``; returns (item with RGB PIL images, None) or (None, image error)."""
     image, err = _load_image(item.image, "image")
     if err:
         return None, err
-    source = None
-    if item.task == "edit":
-        source, err = _load_image(item.source_image, "source image")
-        if err:
-            return None, err
-    refs = []
-    if item.task == "multi_ref":
-        if not item.reference_images:
-            return None, "multi_ref item without reference images"
-        for i, ref in enumerate(item.reference_images):
-            img, err = _load_image(ref, f"reference image {i}")
-            if err:
-                return None, err
-            refs.append(img)
+    source, refs, err = load_conditioning(item.task, item.source_image, item.reference_images)
+    if err:
+        return None, err
     return (
         JudgeItem(
             key=item.key,

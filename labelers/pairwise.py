@@ -39,6 +39,7 @@ from labelers.judge import (
     STATUS_PARSE_ERROR,
     JudgementParseError,
     decode_json_object,
+    load_conditioning,
     _image_part,
     _load_image,
     _text_part,
@@ -277,20 +278,9 @@ def prepare_pair(item: PairItem) -> tuple[PairItem | None, str | None]:
     b, err = _load_image(item.image_b, "image B")
     if err:
         return None, err
-    source = None
-    if item.task == "edit":
-        source, err = _load_image(item.source_image, "source image")
-        if err:
-            return None, err
-    refs = []
-    if item.task == "multi_ref":
-        if not item.reference_images:
-            return None, "multi_ref pair without reference images"
-        for i, ref in enumerate(item.reference_images):
-            img, err = _load_image(ref, f"reference image {i}")
-            if err:
-                return None, err
-            refs.append(img)
+    source, refs, err = load_conditioning(item.task, item.source_image, item.reference_images, what="pair")
+    if err:
+        return None, err
     return (
         PairItem(key=item.key, task=item.task, text=item.text, image_a=a, image_b=b, source_image=source,
                  reference_images=tuple(refs), reference_types=tuple(item.reference_types),
