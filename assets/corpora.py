@@ -1,7 +1,8 @@
-"""sft_corpus and preference_corpus: versioned, sharded WebDataset corpora built from every labelled partition."""
+"""sft_corpus and preference_corpus: versioned, sharded WebDataset corpora built from every finished partition.
 
+A new version writes shards only for partitions the previous version does not already hold unchanged (see
+``pipelines.corpora``); the asset's metadata says which partitions were written and which referenced."""
 
-from collections import Counter
 
 import dagster as dg
 
@@ -12,29 +13,57 @@ from pipelines.resources import ProfileResource, StorageResource
 
 
 def _integrity_check(corpus: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec("shards_match_manifest", asset=corpus,
-                             description="Every shard re-read: sha256 and sample count match manifest.json, and "
-                                         "index.parquet names exactly the samples in the shards.")
+    return dg.AssetCheckSpec("shards_match_manifest", asset=corpus, blocking=True,
+                             description="Every shard re-read: sha256 and sample count match manifest.json, keys "
+                                         "unique, and index.parquet names exactly the samples in the shards.")
 
 
-def _corpus_result(version_dir, manifest, created: bool, **extra) -> dg.MaterializeResult:
-    from pipelines.corpora import verify_corpus
+def _build(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource, corpus: str,
+           upstream: str, upstream_file: str, config_sections: tuple[str, ...], make_source) -> dict:
+    from pipelines.catalog import finished_partitions, input_fingerprints, load_prompts, prompts_by_id
+    from pipelines.corpora import build_corpus, verify_corpus
+    from pipelines.corpus_sources import CorpusFilters, shard_limits
 
-    problems = verify_corpus(version_dir)
+    layout = storage.layout
+    settings = profile.settings()
+    partitions = finished_partitions(layout, upstream, upstream_file)
+    if not partitions:
+        raise dg.Failure(f"{corpus}: no partition has {upstream} output yet; materialize {upstream} first")
+    config = {section: settings.get(section) for section in ("corpora", "filters", *config_sections)}
+    config["corpora"] = {k: v for k, v in (config["corpora"] or {}).items() if k != "root"}
+    inputs = input_fingerprints(layout, partitions, [f"{upstream}/{upstream_file}"])
+    filters = CorpusFilters(settings.get("filters") or {}, device=settings.get("device", "cpu"))
+    source = make_source(layout, prompts_by_id(load_prompts(layout, partitions)), settings, filters)
+    build = build_corpus(storage.corpus_root(corpus), corpus, inputs, config, source, shard_limits(settings),
+                         log=context.log.info)
+    problems = verify_corpus(build.url)
+    manifest = build.manifest
+    context.log.info(f"{corpus} {build.version}: {manifest['num_samples']} samples "
+                     f"({'new' if build.created else 'reused'}; partitions written {build.written}, "
+                     f"referenced {build.reused})")
+    return {"build": build, "problems": problems}
+
+
+def _result(built: dict, **extra) -> dg.MaterializeResult:
+    build, problems = built["build"], built["problems"]
+    manifest = build.manifest
     return dg.MaterializeResult(
         check_results=[dg.AssetCheckResult(check_name="shards_match_manifest", passed=not problems,
                                            metadata={"problems": "\n".join(problems) or "none"})],
         metadata={
             **extra,
-            "version": manifest["version"],
-            "created": created,
+            "version": build.version,
+            "created": build.created,
             "num_samples": manifest["num_samples"],
             "num_shards": len(manifest["shards"]),
+            "num_bytes": manifest.get("num_bytes", 0),
+            "partitions_written": dg.MetadataValue.json(build.written),
+            "partitions_referenced": dg.MetadataValue.json(build.reused),
             "input_partitions": dg.MetadataValue.json(sorted(manifest["inputs"])),
             "drops_by_reason": counts_md(manifest["drops"]),
-            "path": path_md(version_dir),
+            "path": path_md(build.url),
         },
-        data_version=dg.DataVersion(manifest["version"]),
+        data_version=dg.DataVersion(build.version),
     )
 
 
@@ -43,68 +72,32 @@ def _corpus_result(version_dir, manifest, created: bool, **extra) -> dg.Material
 def sft_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
                profile: ProfileResource) -> dg.MaterializeResult:
     """The best-rewarded ok candidates of every labelled partition (``jpg, txt, json``; json carries every reward
-    and feedback). Versioned by a hash of the input label files and the config: unchanged inputs reuse it."""
-    import polars as pl
+    and feedback), through the image, NSFW and duplicate filters. Versioned by a hash of the input label files
+    and the config: unchanged inputs reuse the version, added partitions write only their own shards."""
+    from pipelines.corpus_sources import SftSource
 
-    from pipelines.catalog import finished_partitions, input_fingerprints, load_images_for, load_prompts, prompts_by_id
-    from pipelines.corpora import corpus_version, sft_samples, write_corpus
-
-    layout = storage.layout
-    settings = profile.settings()
-    partitions = finished_partitions(layout, "reward_labels", "labels.parquet")
-    if not partitions:
-        raise dg.Failure("sft_corpus: no labelled partitions yet; materialize reward_labels first")
-    config = {"corpora": settings["corpora"], "rewards": settings["rewards"]}
-    version = corpus_version("sft_corpus", input_fingerprints(layout, partitions, ["reward_labels/labels.parquet"]), config)
-    labels = pl.concat([pl.read_parquet(layout.labels(p)) for p in partitions], how="diagonal_relaxed")
-    prompts = load_prompts(layout, partitions)
-    heldout = set(prompts.filter(pl.col("split") == "heldout")["prompt_id"].to_list())
-    drops: Counter = Counter()
-    drops["heldout_prompt"] = int(labels["prompt_id"].is_in(list(heldout)).sum())
-    labels = labels.filter(~pl.col("prompt_id").is_in(list(heldout)))
-    ok_rewards = labels.filter(pl.col("status") == "ok")["reward"].drop_nulls()
-    quantile = settings["corpora"].get("sft_min_reward_quantile", 0.0)
-    min_reward = float(ok_rewards.quantile(quantile, "lower")) if len(ok_rewards) else float("inf")
-    images = load_images_for(layout, partitions, set(labels["candidate_id"].to_list()))
-    version_dir, manifest, created = write_corpus(
-        layout.corpus_root("sft_corpus"), "sft_corpus", version,
-        sft_samples(labels, prompts_by_id(prompts), images, min_reward, drops),
-        settings["corpora"]["shard_max_samples"],
-        {"inputs": partitions, "config": config, "min_reward": min_reward}, drops,
-    )
-    context.log.info(f"sft_corpus {version}: {manifest['num_samples']} samples ({'new' if created else 'reused'})")
-    return _corpus_result(version_dir, manifest, created)
+    built = _build(context, storage, profile, "sft_corpus", "reward_labels", "labels.parquet", ("rewards",),
+                   lambda layout, prompts, settings, filters: SftSource(layout, prompts, settings, filters))
+    return _result(built)
 
 
 @dg.asset(deps=[preference_pairs], group_name="corpora", kinds={"webdataset"},
           check_specs=[_integrity_check("preference_corpus")])
 def preference_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
                       profile: ProfileResource) -> dg.MaterializeResult:
-    """Every pair of every partition as Pick-a-Pic-style samples (``jpg_0, jpg_1, caption, label_0, label_1,
-    json`` + ``src``/``ref_K`` images), which image is ``jpg_0`` drawn with a seed so ``label_0`` is balanced."""
+    """Every pair of every partition as Pick-a-Pic samples (``jpg_0, jpg_1, caption, label_0, label_1, json`` +
+    ``src``/``ref_K`` images), filtered, with ``jpg_0`` alternating between chosen and rejected so ``label_0`` is
+    balanced. ``python -m pipelines.cli export-pickapic`` turns it into a Hugging Face dataset."""
+    import fsspec
     import polars as pl
 
-    from pipelines.catalog import finished_partitions, input_fingerprints, load_images_for, load_prompts, prompts_by_id
-    from pipelines.corpora import corpus_version, preference_samples, write_corpus
+    from pipelines.corpus_sources import PreferenceSource
 
-    layout = storage.layout
-    settings = profile.settings()
-    partitions = finished_partitions(layout, "preference_pairs", "pairs.parquet")
-    if not partitions:
-        raise dg.Failure("preference_corpus: no partitions with pairs yet; materialize preference_pairs first")
-    config = {"corpora": settings["corpora"], "pairs": settings["pairs"]}
-    version = corpus_version("preference_corpus",
-                             input_fingerprints(layout, partitions, ["preference_pairs/pairs.parquet"]), config)
-    pairs = pl.concat([pl.read_parquet(layout.pairs(p)) for p in partitions], how="vertical")
-    keys = set(pairs["chosen_id"].to_list()) | set(pairs["rejected_id"].to_list())
-    drops: Counter = Counter()
-    version_dir, manifest, created = write_corpus(
-        layout.corpus_root("preference_corpus"), "preference_corpus", version,
-        preference_samples(pairs, prompts_by_id(load_prompts(layout, partitions)), load_images_for(layout, partitions, keys),
-                           settings["corpora"].get("seed", 0), drops),
-        settings["corpora"]["shard_max_samples"], {"inputs": partitions, "config": config}, drops,
-    )
-    index = pl.read_parquet(version_dir / "index.parquet")
+    built = _build(context, storage, profile, "preference_corpus", "preference_pairs", "pairs.parquet", ("pairs",),
+                   lambda layout, prompts, settings, filters: PreferenceSource(
+                       layout, prompts, settings["corpora"].get("seed", 0), filters))
+    with fsspec.open(f"{built['build'].url}/index.parquet", "rb") as handle:
+        index = pl.read_parquet(handle)
     balance = float(index["label_0"].mean()) if len(index) else float("nan")
-    context.log.info(f"preference_corpus {version}: {manifest['num_samples']} pairs, mean label_0 {balance:.3f}")
-    return _corpus_result(version_dir, manifest, created, label_0_mean=balance)
+    context.log.info(f"preference_corpus: mean label_0 {balance:.3f}")
+    return _result(built, label_0_mean=balance)

@@ -27,7 +27,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     from labelers.validation import label_problems
     from pipelines.candidates import load_candidate_images
     from pipelines.io import write_parquet
-    from pipelines.labels import add_diversity, label_partition
+    from pipelines.labels import add_diversity, image_embeddings, label_partition
 
     key = context.partition_key
     layout = storage.layout
@@ -50,13 +50,17 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         batch_size=settings["judge"].get("batch_size", 8),
         log=context.log.info,
     )
+    shard_dir = layout.asset_dir("candidate_images", key) / "shards"
+    ok_ids = set(labels.filter(pl.col("status") == "ok")["candidate_id"].to_list())
+    ok_images = load_candidate_images(shard_dir, ok_ids)
+    # Stored for the corpora's near-duplicate filter (and reused by the diversity reward below).
+    embeddings = image_embeddings(layout.asset_dir("reward_labels", key) / "embeddings.parquet", ok_images,
+                                  clip.scorer(), log=context.log.info)
     diversity = rewards.get("diversity", {})
     if diversity.get("enabled"):
-        shard_dir = layout.asset_dir("candidate_images", key) / "shards"
-        ok_ids = set(labels.filter(pl.col("status") == "ok")["candidate_id"].to_list())
-        labels = add_diversity(labels, key, load_candidate_images(shard_dir, ok_ids), clip.scorer(),
+        labels = add_diversity(labels, key, ok_images, clip.scorer(),
                                layout.asset_dir("reward_labels") / "_diversity", diversity.get("ema_decay", 0.9),
-                               log=context.log.info)
+                               log=context.log.info, features_by_id=embeddings)
         write_parquet(labels, layout.labels(key))
     problems = label_problems(labels, dict(zip(prompts["prompt_id"], prompts["task"])))
     by_status = dict(labels.group_by("status").len().iter_rows())

@@ -58,14 +58,14 @@ def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, 
     )
 
 
-def _corpus_input(storage: StorageResource, corpus: str) -> tuple[Path, str]:
-    from pipelines.corpora import latest_version
+def _corpus_input(storage: StorageResource, corpus: str) -> tuple[str, str]:
+    from pipelines.corpora import latest_version, version_url
 
-    root = storage.layout.corpus_root(corpus)
+    root = storage.corpus_root(corpus)
     version = latest_version(root)
     if version is None:
         raise dg.Failure(f"no {corpus} version yet under {root}; materialize {corpus} first")
-    return root / version, version
+    return version_url(root, version), version
 
 
 def _train_on_corpus(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,

@@ -65,13 +65,38 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
     return labels, len(todo)
 
 
+def image_embeddings(path: Path, images: dict, scorer, log: Callable[[str], None] = print) -> dict:
+    """candidate_id -> L2-normalised CLIP image embedding (float32) of every decodable image in ``images``,
+    stored in ``path`` (parquet: candidate_id, embedding) for the corpora's near-duplicate filter; a stored table
+    holding the same candidates is reused instead of embedding again."""
+    import numpy as np
+    import polars as pl
+
+    from pipelines.io import write_parquet
+
+    keys = sorted(k for k, image in images.items() if image is not None and not isinstance(image, Exception))
+    if path.exists():
+        stored = pl.read_parquet(path)
+        if sorted(stored["candidate_id"].to_list()) == keys:
+            return dict(zip(stored["candidate_id"].to_list(), np.asarray(stored["embedding"].to_list(), np.float32)))
+    if not keys:
+        return {}
+    features = scorer.embed_images([images[k] for k in keys]).numpy().astype(np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    write_parquet(pl.DataFrame({"candidate_id": keys, "embedding": features.tolist()},
+                               schema={"candidate_id": pl.String, "embedding": pl.List(pl.Float32)}), path)
+    log(f"embeddings: {len(keys)} images -> {path.name}")
+    return dict(zip(keys, features))
+
+
 def add_diversity(labels, partition: str, images: dict, scorer, state_dir: Path, decay: float,
-                  log: Callable[[str], None] = print):
+                  log: Callable[[str], None] = print, features_by_id: dict | None = None):
     """Add the ``diversity`` column: each ok candidate's leave-one-out effect on the CLIP-feature FID of its
     partition against feature moments kept as an exponential moving average across partitions (the GRPO/LOO-FID
     paper's distribution-level reward). The moments are read and updated under a file lock, so partitions running
     side by side take turns; a partition's values are stored and reused, so a re-run neither recomputes them nor
-    folds the partition into the moments twice. Non-ok rows and partitions with fewer than 3 ok images get null."""
+    folds the partition into the moments twice. Non-ok rows and partitions with fewer than 3 ok images get null.
+    ``features_by_id`` (from :func:`image_embeddings`) saves embedding the images again."""
     import fcntl
 
     import numpy as np
@@ -91,7 +116,10 @@ def add_diversity(labels, partition: str, images: dict, scorer, state_dir: Path,
             return labels.drop("diversity", strict=False).join(stored, on="candidate_id", how="left")
     values = np.full(len(keys), np.nan)
     if len(keys) >= 3:
-        features = scorer.embed_images([images[k] for k in keys]).numpy().astype(np.float64)
+        if features_by_id is not None and all(k in features_by_id for k in keys):
+            features = np.stack([features_by_id[k] for k in keys]).astype(np.float64)
+        else:
+            features = scorer.embed_images([images[k] for k in keys]).numpy().astype(np.float64)
         moments_path = state_dir / "clip_feature_moments.safetensors"
         with open(state_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -9,6 +9,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "PREFMILL_DATA"
 INBOX_ENV = "PREFMILL_INBOX"
+CORPORA_ENV = "PREFMILL_CORPORA"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")

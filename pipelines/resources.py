@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from pipelines.paths import Layout, default_data_root, default_inbox
+from pipelines.paths import CORPORA_ENV, Layout, default_data_root, default_inbox
 from pipelines.profiles import DEFAULT_PROFILE, PROFILE_ENV, load_profile
 
 
@@ -22,6 +22,15 @@ class StorageResource(dg.ConfigurableResource):
 
     root: str
     inbox: str = ""  # where prompt batch files arrive; default PREFMILL_INBOX or <root>/inbox
+    # Where the versioned corpora live: any fsspec URL (``s3://bucket/prefix`` with s3fs installed; credentials
+    # from the usual AWS_* environment, never from config). Default PREFMILL_CORPORA or <root>/corpora.
+    corpora: str = ""
+
+    def corpus_root(self, corpus: str) -> str:
+        import os
+
+        base = self.corpora or os.environ.get(CORPORA_ENV, "")
+        return f"{base.rstrip('/')}/{corpus}" if base else str(self.layout.corpus_root(corpus))
 
     @property
     def inbox_dir(self) -> str:

@@ -129,9 +129,10 @@ def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, co
     version = (root / "latest").read_text().strip()
     version_dir = root / version
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["inputs"] == ["e2e"] and "drops" in manifest
+    assert manifest["schema_version"] == 2 and manifest["inputs"] == ["e2e"] and "drops" in manifest
+    assert manifest["segments"]["e2e"]["num_samples"] == manifest["num_samples"]
     shards = sorted((version_dir / "shards").glob("*.tar"))
-    assert [s.name for s in shards] == [s["shard"] for s in manifest["shards"]]
+    assert [f"shards/{s.name}" for s in shards] == [s["path"] for s in manifest["shards"]]
     for shard, info in zip(shards, manifest["shards"]):
         assert file_sha256(shard) == info["sha256"]
     index = pl.read_parquet(version_dir / "index.parquet")
@@ -192,6 +193,39 @@ def test_rematerializing_reuses_versions_and_runs(graph_run):
     assert _meta(again, "sft_corpus")["created"].value is False
     assert _meta(again, "preference_corpus")["created"].value is False
     assert _meta(again, "sft_run")["reused"].value is True
+
+
+def test_refresh_with_a_new_partition_writes_only_its_shards(graph_run):
+    """A partition added later: the corpora's new versions write shards for it alone and reference the shards of
+    the partition they already held; the trainers' reader sees every sample of both."""
+    from pipelines.corpora import verify_corpus
+    from trainers.data import corpus_shards
+
+    data, _, _, instance = graph_run
+    inbox = data / "inbox"
+    rows = [json.loads(line) for line in (inbox / "e2e.jsonl").read_text().splitlines()]
+    extra = [{**row, "text": row["text"] + ", at dusk"}
+             for row in rows if row["task"] == "t2i" and row.get("split", "train") == "train"][:2]
+    (inbox / "e2e_more.jsonl").write_text("\n".join(json.dumps(r) for r in extra) + "\n")
+    instance.add_dynamic_partitions(PROMPT_BATCH_PARTITIONS, ["e2e_more"])
+    resources = default_resources(str(data), "tiny")
+    first = dg.materialize([a for a in ALL_ASSETS if a.key.to_user_string() in PARTITIONED], partition_key="e2e_more",
+                           instance=instance, resources=resources)
+    corpora = dg.materialize([a for a in ALL_ASSETS if a.key.to_user_string() in {"sft_corpus", "preference_corpus"}],
+                             instance=instance, resources=resources)
+    assert first.success and corpora.success
+    for corpus in ("sft_corpus", "preference_corpus"):
+        meta = _meta(corpora, corpus)
+        assert meta["created"].value is True
+        assert meta["partitions_written"].value == ["e2e_more"] and meta["partitions_referenced"].value == ["e2e"]
+        root = data / "corpora" / corpus
+        version_dir = root / (root / "latest").read_text().strip()
+        manifest = json.loads((version_dir / "manifest.json").read_text())
+        assert manifest["previous_version"] in {p.name for p in root.iterdir()}
+        old = [s["path"] for s in manifest["segments"]["e2e"]["shards"]]
+        assert old and all(p.startswith(f"../{manifest['previous_version']}/shards/") for p in old)
+        assert verify_corpus(version_dir) == []
+        assert len(corpus_shards(version_dir)) == len(manifest["shards"])
 
 
 def test_pairwise_mode_rebuilds_pairs_from_judge_verdicts(graph_run, tmp_path):

@@ -1,0 +1,297 @@
+"""What goes into each corpus, one input partition at a time (the :class:`pipelines.corpora.PartitionSource`s).
+
+Every row that does not make it is counted by reason (``drops``); the reasons end up per partition in the
+manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
+
+* SFT (``jpg, txt, json``): ``heldout_prompt``, ``label_<status>`` (judge failures), ``missing_reward``,
+  ``below_reward_threshold`` (under the partition's ``sft_min_reward_quantile``), ``undecodable_image``,
+  ``undersized_image``, ``nsfw``, ``exact_duplicate``, ``near_duplicate_phash``, ``near_duplicate_clip`` (within
+  the partition the best-rewarded copy is kept; across partitions the earlier partition's copy).
+* Preference (Pick-a-Pic: ``jpg_0.jpg, jpg_1.jpg, caption.txt, label_0.txt, label_1.txt, json`` + ``src.jpg``,
+  ``ref_K.jpg``): ``undecodable_image``, ``undersized_image``, ``nsfw``, ``near_duplicate_pair`` (the two images
+  are the same picture to the perceptual hash or CLIP), ``duplicate_pair`` (the same two candidates already paired).
+
+Which image is ``jpg_0`` alternates over the kept pairs of a partition in an order drawn from the seed and the
+pair ids, so ``label_0`` is balanced (exactly, up to one pair and ties) and reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from pipelines.paths import Layout
+
+
+class CorpusFilters:
+    """The image filters both corpora share, configured by the profile's ``filters`` section::
+
+        filters:
+          min_image_side: 32                   # undersized_image below this
+          dedup: {phash_max_distance: 4, clip_cosine: 0.98}   # null disables either
+          nsfw: null                           # or {model: <dir or hub id>, threshold: 0.5}
+
+    The NSFW classifier is loaded on first use, only when a profile names one.
+    """
+
+    def __init__(self, settings: dict[str, Any], device: str = "cpu"):
+        from labelers.filters import NearDuplicateFilter
+
+        self.settings = settings
+        self.min_side = int(settings.get("min_image_side", 0))
+        dedup = settings.get("dedup") or {}
+        self.phash_max_distance = dedup.get("phash_max_distance")
+        self.clip_cosine = dedup.get("clip_cosine")
+        self.duplicates = NearDuplicateFilter(phash_max_distance=self.phash_max_distance,
+                                              cosine_threshold=self.clip_cosine)
+        nsfw = settings.get("nsfw")
+        self.nsfw = None
+        if nsfw:
+            from labelers.filters import NsfwClassifier
+            from pipelines.zoo import resolve_model
+
+            self.nsfw = NsfwClassifier(resolve_model(nsfw["model"]), threshold=float(nsfw.get("threshold", 0.5)),
+                                       device=device)
+
+    def image_problem(self, image: Any) -> str | None:
+        """Why a decoded candidate image (or the exception that replaced it) cannot be used, or None."""
+        from labelers.filters import check_image
+
+        if image is None or isinstance(image, Exception):
+            return "undecodable_image"
+        ok, reason = check_image(image, self.min_side)
+        return None if ok else reason
+
+    def nsfw_flags(self, images: list[Any]) -> list[bool]:
+        if self.nsfw is None or not images:
+            return [False] * len(images)
+        return [not ok for ok, _ in self.nsfw.filter_batch(images)]
+
+
+def perceptual_hashes(images: list[Any]) -> list[int]:
+    from labelers.filters import perceptual_hash
+
+    return [perceptual_hash(image) for image in images]
+
+
+def load_embeddings(layout: Layout, partition: str) -> dict[str, Any]:
+    """candidate_id -> CLIP image embedding stored by ``reward_labels`` (empty when the partition has none)."""
+    import numpy as np
+    import polars as pl
+
+    path = layout.asset_dir("reward_labels", partition) / "embeddings.parquet"
+    if not path.exists():
+        return {}
+    table = pl.read_parquet(path)
+    vectors = np.asarray(table["embedding"].to_list(), dtype=np.float32)
+    return dict(zip(table["candidate_id"].to_list(), vectors))
+
+
+def _stack(vectors: list[Any]):
+    import numpy as np
+
+    if not vectors or any(v is None for v in vectors):
+        return None
+    return np.stack(vectors).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+class SftSource:
+    """Per partition: the ok, non-held-out candidates whose reward is at least the partition's
+    ``sft_min_reward_quantile`` (a per-partition threshold, so a partition's segment does not change when other
+    partitions arrive), best reward first, through the image filters and the duplicate memory."""
+
+    def __init__(self, layout: Layout, prompts: dict[str, dict[str, Any]], settings: dict[str, Any],
+                 filters: CorpusFilters):
+        self.layout = layout
+        self.prompts = prompts
+        self.quantile = float(settings["corpora"].get("sft_min_reward_quantile", 0.0))
+        self.filters = filters
+
+    def reused(self, partition: str, rows) -> None:
+        if not len(rows):
+            return
+        embeddings = load_embeddings(self.layout, partition)
+        ids = rows["candidate_id"].to_list()
+        self.filters.duplicates.add_kept(ids, rows["image_sha256"].to_list(), _phashes(rows),
+                                         _stack([embeddings.get(i) for i in ids]) if embeddings else None)
+
+    def samples(self, partition: str, drops: Counter) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        import polars as pl
+
+        from labelers.filters import judge_failure
+        from pipelines.candidates import load_candidate_images
+        from pipelines.io import encode_image
+
+        labels = pl.read_parquet(self.layout.labels(partition)).join(
+            pl.read_parquet(self.layout.candidates(partition)).select("candidate_id", "image_sha256"),
+            on="candidate_id", how="left")
+        heldout = labels["prompt_id"].map_elements(lambda p: self.prompts[p]["split"] == "heldout",
+                                                   return_dtype=pl.Boolean)
+        if heldout.any():
+            drops["heldout_prompt"] += int(heldout.sum())
+        usable = []
+        for row in labels.filter(~heldout).iter_rows(named=True):
+            ok, reason = judge_failure(row)
+            if ok:
+                usable.append(row)
+            else:
+                drops[reason] += 1
+        if not usable:
+            return
+        rewards = pl.Series([row["reward"] for row in usable], dtype=pl.Float64)
+        threshold = float(rewards.quantile(self.quantile, "lower"))
+        kept = [row for row in usable if row["reward"] >= threshold]
+        if len(kept) < len(usable):
+            drops["below_reward_threshold"] += len(usable) - len(kept)
+        kept.sort(key=lambda row: (-row["reward"], row["candidate_id"]))
+
+        images = load_candidate_images(self.layout.asset_dir("candidate_images", partition) / "shards",
+                                       {row["candidate_id"] for row in kept})
+        checked = []
+        for row in kept:
+            problem = self.filters.image_problem(images.get(row["candidate_id"]))
+            if problem:
+                drops[problem] += 1
+            else:
+                checked.append(row)
+        flags = self.filters.nsfw_flags([images[row["candidate_id"]] for row in checked])
+        if any(flags):
+            drops["nsfw"] += sum(flags)
+        checked = [row for row, flagged in zip(checked, flags) if not flagged]
+        if not checked:
+            return
+        embeddings = load_embeddings(self.layout, partition)
+        ids = [row["candidate_id"] for row in checked]
+        phashes = perceptual_hashes([images[i] for i in ids])
+        verdicts = self.filters.duplicates.filter_batch(
+            ids, [row["image_sha256"] for row in checked], phashes,
+            _stack([embeddings.get(i) for i in ids]) if embeddings else None)
+        for row, phash, (ok, reason) in zip(checked, phashes, verdicts):
+            if not ok:
+                drops[reason] += 1
+                continue
+            prompt = self.prompts[row["prompt_id"]]
+            meta = {k: v for k, v in row.items() if k != "raw_judgement"}
+            meta.update(task=prompt["task"], text=prompt["text"], sft_min_reward=threshold)
+            sample = {"__key__": row["candidate_id"], "jpg": encode_image(images[row["candidate_id"]], "jpg"),
+                      "txt": prompt["text"], "json": json.dumps(meta, default=str).encode()}
+            yield sample, {"candidate_id": row["candidate_id"], "prompt_id": row["prompt_id"],
+                           "task": prompt["task"], "reward": row["reward"], "image_sha256": row["image_sha256"],
+                           "phash": f"{phash:016x}"}
+
+
+def _phashes(rows) -> list[int] | None:
+    return rows["phash"].to_list() if "phash" in rows.columns else None
+
+
+# ------------------------------------------------------------------------------------------------ preference
+class PreferenceSource:
+    """Per partition: every pair whose two images pass the filters and differ, not already paired, as Pick-a-Pic
+    samples with ``jpg_0`` balanced between chosen and rejected."""
+
+    def __init__(self, layout: Layout, prompts: dict[str, dict[str, Any]], seed: int, filters: CorpusFilters):
+        self.layout = layout
+        self.prompts = prompts
+        self.seed = seed
+        self.filters = filters
+        self.paired: set[tuple[str, str]] = set()
+
+    def reused(self, partition: str, rows) -> None:
+        if len(rows):
+            self.paired.update(_unordered(a, b) for a, b in zip(rows["chosen_id"], rows["rejected_id"]))
+
+    def _near_duplicates(self, a: Any, b: Any, emb_a: Any, emb_b: Any) -> bool:
+        import numpy as np
+
+        from labelers.filters import perceptual_hash
+
+        limit = self.filters.phash_max_distance
+        if limit is not None and bin(perceptual_hash(a) ^ perceptual_hash(b)).count("1") <= limit:
+            return True
+        if self.filters.clip_cosine is not None and emb_a is not None and emb_b is not None:
+            cosine = float(np.dot(emb_a, emb_b) / (np.linalg.norm(emb_a) * np.linalg.norm(emb_b) + 1e-12))
+            return cosine >= self.filters.clip_cosine
+        return False
+
+    def samples(self, partition: str, drops: Counter) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        import polars as pl
+
+        from pipelines.candidates import load_candidate_images
+
+        pairs = pl.read_parquet(self.layout.pairs(partition))
+        keys = set(pairs["chosen_id"].to_list()) | set(pairs["rejected_id"].to_list())
+        images = load_candidate_images(self.layout.asset_dir("candidate_images", partition) / "shards", keys)
+        embeddings = load_embeddings(self.layout, partition)
+        problems = {key: self.filters.image_problem(images.get(key)) for key in keys}
+        clean = sorted(key for key, problem in problems.items() if problem is None)
+        nsfw = dict(zip(clean, self.filters.nsfw_flags([images[key] for key in clean])))
+        kept = []
+        for pair in pairs.sort("pair_id").iter_rows(named=True):
+            ids = (pair["chosen_id"], pair["rejected_id"])
+            problem = next((problems[i] for i in ids if problems[i]), None)
+            if problem:
+                drops[problem] += 1
+            elif any(nsfw[i] for i in ids):
+                drops["nsfw"] += 1
+            elif _unordered(*ids) in self.paired:
+                drops["duplicate_pair"] += 1
+            elif self._near_duplicates(images[ids[0]], images[ids[1]], embeddings.get(ids[0]), embeddings.get(ids[1])):
+                drops["near_duplicate_pair"] += 1
+            else:
+                self.paired.add(_unordered(*ids))
+                kept.append(pair)
+        order = sorted(kept, key=lambda pair: hashlib.sha256(f"{self.seed}:{pair['pair_id']}".encode()).hexdigest())
+        for rank, pair in enumerate(order):
+            yield self._sample(pair, images, chosen_first=rank % 2 == 0)
+
+    def _sample(self, pair: dict[str, Any], images: dict[str, Any], chosen_first: bool):
+        from PIL import Image
+
+        from pipelines.io import encode_image
+
+        prompt = self.prompts[pair["prompt_id"]]
+        chosen, rejected = images[pair["chosen_id"]], images[pair["rejected_id"]]
+        first, second = (chosen, rejected) if chosen_first else (rejected, chosen)
+        label = float(pair["label"])
+        label_0 = label if chosen_first else 1.0 - label
+        sample = {
+            "__key__": pair["pair_id"],
+            "jpg_0.jpg": encode_image(first, "jpg"),
+            "jpg_1.jpg": encode_image(second, "jpg"),
+            "caption.txt": prompt["text"],
+            "label_0.txt": _label_text(label_0),
+            "label_1.txt": _label_text(1.0 - label_0),
+            "json": json.dumps({**pair, "task": prompt["task"], "chosen_is_jpg_0": chosen_first,
+                                "reference_types": prompt["reference_types"]}, default=str).encode(),
+        }
+        if prompt["source_image"]:
+            with Image.open(prompt["source_image"]) as src:
+                sample["src.jpg"] = encode_image(src.convert("RGB"), "jpg")
+        for k, ref_path in enumerate(prompt["reference_images"]):
+            with Image.open(ref_path) as ref:
+                sample[f"ref_{k}.jpg"] = encode_image(ref.convert("RGB"), "jpg")
+        return sample, {"pair_id": pair["pair_id"], "prompt_id": pair["prompt_id"], "task": prompt["task"],
+                        "chosen_id": pair["chosen_id"], "rejected_id": pair["rejected_id"],
+                        "label_0": label_0, "caption": prompt["text"],
+                        "image_0_id": pair["chosen_id"] if chosen_first else pair["rejected_id"],
+                        "image_1_id": pair["rejected_id"] if chosen_first else pair["chosen_id"]}
+
+
+def _unordered(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def _label_text(value: float) -> str:
+    return "0.5" if value == 0.5 else str(int(value)) if value in (0.0, 1.0) else f"{value:.6g}"
+
+
+def shard_limits(settings: dict[str, Any]):
+    from pipelines.corpora import ShardLimits
+
+    corpora = settings["corpora"]
+    return ShardLimits(max_samples=int(corpora.get("shard_max_samples", 1000)),
+                       max_bytes=int(corpora["shard_max_bytes"]) if corpora.get("shard_max_bytes") else None)
