@@ -4,12 +4,17 @@
     python -m pipelines.cli register     add a prompt_batches partition per inbox file to the Dagster instance
     python -m pipelines.cli partitions   print the registered partition keys, one per line
     python -m pipelines.cli summary      one screen: what the last materializations wrote
+    python -m pipelines.cli export-pickapic --out DIR [--corpus-dir DIR] [--drop-ties] [--tasks t2i]
+                                         the preference corpus as a Hugging Face dataset with Pick-a-Pic v2's
+                                         columns (default: the latest version under the data root); prints a
+                                         JSON summary
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -96,10 +101,23 @@ def summary(root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary"])
+    parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary", "export-pickapic"])
     parser.add_argument("--data", default=default_data_root())
     parser.add_argument("--inbox", default=None)
+    export = parser.add_argument_group("export-pickapic")
+    export.add_argument("--out", default=None, help="output directory (replaced atomically)")
+    export.add_argument("--corpus-dir", default=None,
+                        help="a preference corpus version, or a corpus root (its latest version); default: "
+                             "<data>/corpora/preference_corpus")
+    export.add_argument("--rows-per-file", type=int, default=None)
+    export.add_argument("--drop-ties", action="store_true", help="leave out 0.5/0.5 pairs (Diffusion-DPO)")
+    export.add_argument("--tasks", default=None, help="only pairs of these tasks, comma-separated (e.g. t2i)")
     args = parser.parse_args(argv)
+    if args.command == "export-pickapic":
+        if not args.out:
+            parser.error("export-pickapic needs --out DIR")
+        print(json.dumps(export_pickapic_command(args), indent=2))
+        return 0
     inbox = Path(args.inbox or default_inbox(args.data))
     if args.command == "seed-inbox":
         for path in seed_inbox(inbox):
@@ -110,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summary(Path(args.data)))
     return 0
+
+
+def export_pickapic_command(args: argparse.Namespace) -> dict:
+    from pipelines.export import ROWS_PER_FILE, export_pickapic
+
+    corpus = args.corpus_dir or os.fspath(Layout(args.data).corpus_root("preference_corpus"))
+    return export_pickapic(corpus, args.out, rows_per_file=args.rows_per_file or ROWS_PER_FILE,
+                           drop_ties=args.drop_ties,
+                           tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None)
 
 
 def _registered() -> list[str]:

@@ -11,8 +11,9 @@ manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
   ``ref_K.jpg``): ``undecodable_image``, ``undersized_image``, ``nsfw``, ``near_duplicate_pair`` (the two images
   are the same picture to the perceptual hash or CLIP), ``duplicate_pair`` (the same two candidates already paired).
 
-Which image is ``jpg_0`` alternates over the kept pairs of a partition in an order drawn from the seed and the
-pair ids, so ``label_0`` is balanced (exactly, up to one pair and ties) and reproducible.
+Which image is ``jpg_0`` alternates over the kept pairs of each task of a partition, in an order drawn from the seed
+and the pair ids, so ``label_0`` is balanced (exactly, up to one pair per task and partition, and ties) and
+reproducible.
 """
 
 from __future__ import annotations
@@ -244,9 +245,15 @@ class PreferenceSource:
             else:
                 self.paired.add(_unordered(*ids))
                 kept.append(pair)
-        order = sorted(kept, key=lambda pair: hashlib.sha256(f"{self.seed}:{pair['pair_id']}".encode()).hexdigest())
-        for rank, pair in enumerate(order):
+        # Alternate within each task, so every task's subset (an export of t2i pairs alone) is balanced too.
+        order = sorted(kept, key=lambda pair: (self.prompts[pair["prompt_id"]]["task"],
+                                               hashlib.sha256(f"{self.seed}:{pair['pair_id']}".encode()).hexdigest()))
+        rank, task = 0, None
+        for pair in order:
+            if self.prompts[pair["prompt_id"]]["task"] != task:
+                rank, task = 0, self.prompts[pair["prompt_id"]]["task"]
             yield self._sample(pair, images, chosen_first=rank % 2 == 0)
+            rank += 1
 
     def _sample(self, pair: dict[str, Any], images: dict[str, Any], chosen_first: bool):
         from PIL import Image

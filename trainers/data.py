@@ -1,18 +1,34 @@
 """Readers for the corpora the trainers consume (DESIGN.md "Data contracts"), and batch collation.
 
-A corpus version directory holds ``shards/NNNNNN.tar`` (WebDataset), ``index.parquet`` (one row per sample) and
-``manifest.json``. The shard list comes from the manifest when it names its shards, else from ``shards/*.tar``.
+A corpus version directory (a local path or an fsspec URL such as ``s3://bucket/corpora/preference_corpus/<v>``)
+holds ``manifest.json``, ``index.parquet`` (one row per sample) and WebDataset shards. The manifest's
+``shards[*].path`` is relative to the version directory and may point into an older version's directory
+(``../<older>/shards/000002.tar``: a refresh that adds partitions writes only new shards), so shard paths are
+resolved against the version directory with posix normalisation, for URLs too. Without a manifest that names its
+shards, the shard list comes from ``index.parquet``'s ``shard`` column, else from ``shards/*.tar``. The corpus
+root next to the versions holds ``latest``, a text file naming the current version.
 
 - SFT sample: ``jpg`` (image bytes), ``txt`` (caption), ``json`` (rewards and feedback).
 - Preference sample (Pick-a-Pic layout): ``jpg_0.jpg``, ``jpg_1.jpg``, ``caption.txt``, ``label_0.txt``,
   ``label_1.txt`` (``"1"``, ``"0"`` or ``"0.5"``; ``label_0 = 1`` means ``jpg_0`` is preferred), ``json``
   (+ optional ``src.jpg`` and ``ref_K.jpg``).
 
-Streams are deterministic: with ``shuffle_seed`` set, epoch ``e`` shuffles the shard order and a sample buffer with
-seed ``shuffle_seed + e``, so ``skip=n`` reproduces exactly the stream a run that consumed ``n`` samples would see
-next (that is how a resumed training run continues where it stopped). Skipped samples are not decoded.
+Two ways to read a corpus:
 
-webdataset, PIL and torch are imported inside functions.
+- The generator readers (:func:`sft_samples`, :func:`preference_samples`, :func:`preference_stream`) the in-process
+  trainers use. They are deterministic: with ``shuffle_seed`` set, epoch ``e`` shuffles the shard order and a
+  sample buffer with seed ``shuffle_seed + e``, so ``skip=n`` reproduces exactly the stream a run that consumed
+  ``n`` samples would see next (that is how a resumed training run continues where it stopped). Skipped samples
+  are not decoded. Data parallelism there keeps every ``world_size``-th sample of one shared stream (every rank
+  reads every shard).
+- :func:`corpus_dataset`, a webdataset pipeline (an ``IterableDataset``) for ``torch.utils.data.DataLoader`` with
+  worker processes and for multi-node runs: shards are split across nodes and DataLoader workers (each shard is
+  read by exactly one worker), or resampled with replacement for runs whose ranks hold uneven shard counts.
+
+Both open shards through the same stage: local files with ``open``, URLs through fsspec (``memory://``, ``s3://``,
+``gs://``, ...), so a corpus on object storage reads like a local one.
+
+webdataset, fsspec, polars, PIL and torch are imported inside functions.
 """
 
 from __future__ import annotations
@@ -21,15 +37,121 @@ import glob
 import io
 import json
 import os
+import posixpath
 import random
+import sys
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 SHUFFLE_BUFFER = 256
+LATEST = "latest"
+KINDS = ("preference", "sft", "raw")
 
 
 # --------------------------------------------------------------------------------------------- corpus layout
+def _is_url(path: Any) -> bool:
+    """``scheme://...`` (fsspec, possibly chained as ``simplecache::s3://...``); anything else is a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _join(base: str, rel: str) -> str:
+    """``rel`` resolved against the directory ``base`` with posix normalisation (``..`` collapsed).
+
+    Local paths become absolute; URLs keep their scheme prefix, so ``s3://b/c/v2`` + ``../v1/shards/x.tar`` is
+    ``s3://b/c/v1/shards/x.tar``. A ``rel`` that is itself a URL or an absolute path is returned as is."""
+    if _is_url(rel) or rel.startswith("/"):
+        return rel
+    if not _is_url(base):
+        return os.path.normpath(os.path.join(os.path.abspath(base), rel))
+    prefix, _, rest = base.partition("://")
+    joined = posixpath.normpath(posixpath.join(rest, rel))
+    if joined == ".." or joined.startswith("../"):
+        raise ValueError(f"{rel!r} points above the root of {base!r}")
+    return f"{prefix}://{joined}"
+
+
+def _as_location(path: str | os.PathLike) -> str:
+    return path if _is_url(path) else os.fspath(path)
+
+
+def _open(path: str, storage_options: dict | None = None):
+    """A readable binary file object for a local path or an fsspec URL (the caller closes it)."""
+    if _is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb", **(storage_options or {})).open()
+    return open(path, "rb")
+
+
+def _read_bytes(path: str, storage_options: dict | None = None) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    try:
+        with _open(path, storage_options) as handle:
+            return handle.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _existing_urls(urls: list[str], storage_options: dict | None) -> set[str]:
+    """The subset of ``urls`` that exist, with one listing per parent directory rather than one request per file
+    (a corpus on S3 can have thousands of shards in a few directories)."""
+    import fsspec
+
+    by_parent: dict[tuple[int, str], tuple[Any, list[tuple[str, str]]]] = {}
+    for url in urls:
+        fs, stripped = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        parent = posixpath.dirname(stripped.rstrip("/"))
+        by_parent.setdefault((id(fs), parent), (fs, []))[1].append((url, stripped))
+    found: set[str] = set()
+    for (_, parent), (fs, members) in by_parent.items():
+        try:  # refresh: a listing cached earlier in this process may predate the version being read
+            listing = {p.rstrip("/") for p in fs.ls(parent, detail=False, refresh=True)}
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.update(url for url, stripped in members if stripped.rstrip("/") in listing)
+    return found
+
+
+def read_corpus_manifest(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> dict | None:
+    """``manifest.json`` of a corpus version (local or URL), or None when there is none or it is not JSON."""
+    data = _read_bytes(_join(_as_location(corpus_dir), "manifest.json"), storage_options)
+    if data is None:
+        return None
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def read_corpus_index(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None):
+    """``index.parquet`` of a corpus version (local or URL) as a polars DataFrame, or None when there is none."""
+    data = _read_bytes(_join(_as_location(corpus_dir), "index.parquet"), storage_options)
+    if data is None:
+        return None
+    import polars as pl
+
+    return pl.read_parquet(io.BytesIO(data))
+
+
+def corpus_version_dir(path: str | os.PathLike, *, storage_options: dict | None = None) -> str:
+    """``path`` itself when it is a version directory (it has ``manifest.json``), else the version its ``latest``
+    pointer names (``path`` is a corpus root). Lets commands accept either."""
+    location = _as_location(path)
+    if _read_bytes(_join(location, "manifest.json"), storage_options) is not None:
+        return location
+    pointer = _read_bytes(_join(location, LATEST), storage_options)
+    if pointer is None:
+        raise FileNotFoundError(f"{location} is neither a corpus version (no manifest.json) nor a corpus root "
+                                f"(no {LATEST} pointer)")
+    version = pointer.decode("utf-8").strip()
+    if not version or "/" in version or version in (".", ".."):
+        raise ValueError(f"{_join(location, LATEST)} names no valid version: {version!r}")
+    return _join(location, version)
+
+
 def _shard_names_from_manifest(manifest: Any) -> list[str]:
     """Shard file names from whatever shape the manifest's ``shards`` entry has (list of str/dicts, or a dict)."""
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
@@ -48,67 +170,140 @@ def _shard_names_from_manifest(manifest: Any) -> list[str]:
     return names
 
 
-def corpus_shards(corpus_dir: str | os.PathLike) -> list[str]:
-    """Absolute paths of the corpus' shard tars: in manifest order, else in ``index.parquet``'s ``shard`` order,
-    else sorted ``shards/*.tar``."""
-    root = Path(corpus_dir)
-    manifest_path = root / "manifest.json"
-    paths: list[str] = []
-    if manifest_path.is_file():
-        try:
-            names = _shard_names_from_manifest(json.loads(manifest_path.read_text()))
-        except ValueError:
-            names = []
-        for name in names:
-            p = Path(name)
-            cands = [p] if p.is_absolute() else [root / p, root / "shards" / p, root / "shards" / p.name]
-            found = next((c for c in cands if c.is_file()), None)
-            if found is None:
-                raise FileNotFoundError(f"{manifest_path} lists shard {name!r}, which is missing")
-            paths.append(str(found))
-    if not paths and (root / "index.parquet").is_file():
-        import polars as pl
+def _candidates(root: str, name: str) -> list[str]:
+    """Where a shard named in a manifest or index may be: relative to the version dir (``shards/x.tar`` or
+    ``../<older>/shards/x.tar``), or under ``shards/`` (old manifests named only the file)."""
+    if _is_url(name) or name.startswith("/"):
+        return [name]
+    cands = [_join(root, name), _join(root, posixpath.join("shards", name)),
+             _join(root, posixpath.join("shards", posixpath.basename(name)))]
+    return list(dict.fromkeys(cands))
 
-        index = pl.read_parquet(root / "index.parquet")
-        if "shard" in index.columns:
-            names = list(dict.fromkeys(str(n) for n in index["shard"].to_list()))  # first-seen order
-            for name in names:
-                p = Path(name)
-                cands = [p] if p.is_absolute() else [root / p, root / "shards" / p, root / "shards" / p.name]
-                found = next((c for c in cands if c.is_file()), None)
-                if found is not None:
-                    paths.append(str(found))
+
+def _index_shard_names(root: str, storage_options: dict | None) -> list[str]:
+    data = _read_bytes(_join(root, "index.parquet"), storage_options)
+    if data is None:
+        return []
+    import pyarrow.parquet as pq
+
+    index = pq.ParquetFile(io.BytesIO(data))
+    if "shard" not in index.schema_arrow.names:
+        return []
+    shards = index.read(columns=["shard"]).column("shard").to_pylist()
+    return list(dict.fromkeys(str(n) for n in shards))  # first-seen order
+
+
+def corpus_shards(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> list[str]:
+    """The corpus' shard tars, in manifest order, else in ``index.parquet``'s ``shard`` order, else sorted
+    ``shards/*.tar``: absolute local paths, or URLs when ``corpus_dir`` is a URL.
+
+    A shard the manifest names but that is missing raises ``FileNotFoundError`` here, before any training starts.
+    """
+    root = _as_location(corpus_dir)
+    return _resolve_shards(root, read_corpus_manifest(root, storage_options=storage_options), storage_options)
+
+
+def _resolve_shards(root: str, manifest: dict | None, storage_options: dict | None) -> list[str]:
+    url = _is_url(root)
+    names = _shard_names_from_manifest(manifest)
+    exists: Any
+    if url:
+        every = [c for name in names for c in _candidates(root, name)]
+        present = _existing_urls(every, storage_options) if every else set()
+        exists = present.__contains__
+    else:
+        exists = os.path.isfile
+    paths: list[str] = []
+    for name in names:
+        found = next((c for c in _candidates(root, name) if exists(c)), None)
+        if found is None:
+            raise FileNotFoundError(f"{_join(root, 'manifest.json')} lists shard {name!r}, which is missing")
+        paths.append(found)
     if not paths:
-        paths = sorted(glob.glob(str(root / "shards" / "*.tar")))
+        names = _index_shard_names(root, storage_options)
+        if url and names:
+            present = _existing_urls([c for name in names for c in _candidates(root, name)], storage_options)
+            exists = present.__contains__
+        for name in names:
+            found = next((c for c in _candidates(root, name) if exists(c)), None)
+            if found is not None:
+                paths.append(found)
+    if not paths:
+        if url:
+            import fsspec
+
+            fs, stripped = fsspec.core.url_to_fs(_join(root, "shards"), **(storage_options or {}))
+            paths = sorted(fs.unstrip_protocol(p) for p in fs.glob(posixpath.join(stripped, "*.tar")))
+        else:
+            paths = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
     if not paths:
         raise FileNotFoundError(f"no shards in {root} (expected shards/*.tar or a manifest listing them)")
-    return [str(Path(p).resolve()) for p in paths]
+    return paths if url else [str(Path(p).resolve()) for p in paths]
 
 
-def corpus_size(corpus_dir: str | os.PathLike) -> int | None:
+def corpus_size(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> int | None:
     """Number of samples from ``index.parquet`` (None when there is no index)."""
-    index = Path(corpus_dir) / "index.parquet"
-    if not index.is_file():
-        return None
-    import polars as pl
+    root = _as_location(corpus_dir)
+    if not _is_url(root):
+        index = Path(root) / "index.parquet"
+        if not index.is_file():
+            return None
+        import polars as pl
 
-    return int(pl.scan_parquet(index).select(pl.len()).collect().item())
+        return int(pl.scan_parquet(index).select(pl.len()).collect().item())
+    data = _read_bytes(_join(root, "index.parquet"), storage_options)
+    if data is None:
+        return None
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
+
+
+# --------------------------------------------------------------------------------------------- shard reading stages
+def _open_shards(src: Iterable[dict[str, Any]], storage_options: dict | None = None) -> Iterator[dict[str, Any]]:
+    """webdataset stage: ``{"url"}`` -> ``{"url", "stream"}``, local files with ``open`` and URLs through fsspec.
+
+    Replaces webdataset's own opener (``gopen``), which knows local files, ``pipe:`` and a few CLI-backed
+    schemes but not fsspec's (``memory://``, ``s3://`` with credentials from ``storage_options``). Each stream is
+    closed once the tar expander has moved on to the next shard (or the stream is abandoned)."""
+    for item in src:
+        url = item["url"]
+        handle = _open(url, storage_options)
+        try:
+            out = {**item, "stream": handle}
+            if not _is_url(url):
+                out["local_path"] = url
+            yield out
+        finally:
+            handle.close()
+
+
+def _sample_stages(storage_options: dict | None = None) -> list:
+    """The stages that turn ``{"url"}`` items into raw samples (``__key__`` + bytes per member name)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return [
+        partial(_open_shards, storage_options=storage_options),
+        tar_file_expander,
+        group_by_keys,
+    ]
 
 
 def _raw_stream(urls: list[str], shuffle_seed: int | None, repeat: bool) -> Iterator[dict[str, Any]]:
-    """Undecoded samples (``__key__`` + bytes per extension), epoch after epoch when ``repeat``."""
+    """Undecoded samples (``__key__`` + bytes per extension), epoch after epoch when ``repeat``.
+
+    The stages are those of ``wds.WebDataset(order, shardshuffle=False).shuffle(SHUFFLE_BUFFER, seed=...)`` (which
+    this used before), so seeded streams, and therefore resumed runs, see the same order as before."""
     import webdataset as wds
 
     epoch = 0
     while True:
         order = list(urls)
-        ds = None
+        shuffle = []
         if shuffle_seed is not None:
             random.Random(shuffle_seed + epoch).shuffle(order)
-            ds = wds.WebDataset(order, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-            ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed + epoch)
-        else:
-            ds = wds.WebDataset(order, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+            shuffle = [wds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed + epoch)]
+        ds = wds.DataPipeline(wds.SimpleShardList(order), *_sample_stages(), *shuffle)
         n = 0
         for sample in ds:
             n += 1
@@ -164,6 +359,33 @@ def parse_label(value: Any) -> float:
     return float(_text(value).strip())
 
 
+def _sft_tuple(sample: dict[str, Any], decode: bool = True) -> tuple[Any, str, dict]:
+    """``(image, caption, meta)``; the image stays bytes when not ``decode``."""
+    data = _get(sample, "jpg", "jpeg", "png", "webp")
+    caption = _text(_get(sample, "txt", "caption.txt", "caption")).strip()
+    meta = json.loads(_text(sample["json"])) if "json" in sample else {}
+    if isinstance(meta, dict):
+        meta.setdefault("__key__", sample.get("__key__"))
+    return (decode_image(data) if decode else bytes(data)), caption, meta
+
+
+def _pair_tuple(sample: dict[str, Any], drop_ties: bool, decode: bool = True):
+    """``(img_0, img_1, caption, label_0, label_1)``, or None for a tie when ``drop_ties``; images stay bytes
+    when not ``decode``."""
+    label_0 = parse_label(_get(sample, "label_0.txt", "label_0"))
+    label_1 = parse_label(_get(sample, "label_1.txt", "label_1"))
+    if drop_ties and label_0 == label_1:
+        return None
+    img_0, img_1 = _get(sample, "jpg_0.jpg", "jpg_0"), _get(sample, "jpg_1.jpg", "jpg_1")
+    return (
+        decode_image(img_0) if decode else bytes(img_0),
+        decode_image(img_1) if decode else bytes(img_1),
+        _text(_get(sample, "caption.txt", "caption", "txt")).strip(),
+        label_0,
+        label_1,
+    )
+
+
 # --------------------------------------------------------------------------------------------- readers
 def sft_samples(
     corpus_dir: str | os.PathLike,
@@ -182,12 +404,7 @@ def sft_samples(
     """
     it = _split(_skip(_raw_stream(corpus_shards(corpus_dir), shuffle_seed, repeat), skip), rank, world_size)
     for sample in it:
-        image = decode_image(_get(sample, "jpg", "jpeg", "png", "webp"))
-        caption = _text(_get(sample, "txt", "caption.txt", "caption")).strip()
-        meta = json.loads(_text(sample["json"])) if "json" in sample else {}
-        if isinstance(meta, dict):
-            meta.setdefault("__key__", sample.get("__key__"))
-        yield image, caption, meta
+        yield _sft_tuple(sample)
 
 
 def preference_samples(
@@ -211,17 +428,7 @@ def preference_samples(
 
 
 def _decode_pair(sample: dict[str, Any], drop_ties: bool):
-    label_0 = parse_label(_get(sample, "label_0.txt", "label_0"))
-    label_1 = parse_label(_get(sample, "label_1.txt", "label_1"))
-    if drop_ties and label_0 == label_1:
-        return None
-    return (
-        decode_image(_get(sample, "jpg_0.jpg", "jpg_0")),
-        decode_image(_get(sample, "jpg_1.jpg", "jpg_1")),
-        _text(_get(sample, "caption.txt", "caption", "txt")).strip(),
-        label_0,
-        label_1,
-    )
+    return _pair_tuple(sample, drop_ties, decode=True)
 
 
 def preference_stream(corpus_dir, shuffle_seed, *, start_raw: int = 0, drop_ties: bool = True, rank: int = 0,
@@ -249,6 +456,191 @@ def batched(iterable: Iterable, n: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+# --------------------------------------------------------------------------------------------- DataLoader reader
+def _mix_seed(*parts: int) -> int:
+    """A 31-bit seed from ints. (webdataset's ``make_seed`` does the same through ``hash``; ints only here, so the
+    seed is the same in every process whatever ``PYTHONHASHSEED`` is.)"""
+    seed = 0
+    for part in parts:
+        seed = (seed * 31 + int(part)) & 0x7FFFFFFF
+    return seed
+
+
+def node_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this node: as given, else from ``torch.distributed`` when it is initialised, else
+    from the ``RANK``/``WORLD_SIZE`` environment variables (torchrun, accelerate), else ``(0, 1)``."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither")
+    else:
+        torch = sys.modules.get("torch")  # not imported yet -> torch.distributed cannot be initialised
+        dist = getattr(torch, "distributed", None) if torch is not None else None
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
+            rank, world_size = 0, 1
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+def _dataloader_worker() -> int:
+    """This DataLoader worker's id (0 outside workers), as ``wds.split_by_worker`` sees it."""
+    from webdataset.utils import pytorch_worker_info
+
+    return pytorch_worker_info()[2]
+
+
+def _split_by_node(src: Iterator, rank: int, world_size: int) -> Iterator:
+    """Shards ``rank``, ``rank + world_size``, ... (``wds.split_by_node`` reads rank and world size from the
+    environment or torch.distributed; here they are explicit so a caller can pass them)."""
+    from itertools import islice
+
+    return islice(src, rank, None, world_size) if world_size > 1 else src
+
+
+def _resample_worker_seed(rank: int) -> int:
+    """A distinct seed per node and DataLoader worker for ``wds.ResampledShards``."""
+    return rank * 1000 + _dataloader_worker()
+
+
+class _ShardSource:
+    """First stage of :func:`corpus_dataset`'s pipeline: the ``{"url"}`` items this node and DataLoader worker
+    reads, for the current epoch.
+
+    Not resampled: webdataset's ``SimpleShardList`` shuffles the whole shard list with a seed made from
+    ``(seed, epoch)`` -- the same permutation on every node and worker, which is what makes the node split and
+    then ``wds.split_by_worker`` a partition: each shard is read by exactly one worker of one node per epoch.
+    Resampled: ``wds.ResampledShards`` draws shards with replacement, forever, from a seed made from
+    ``(seed, epoch)`` and the node and worker, so every worker has an endless stream of its own and ranks never
+    run dry at different times (what multi-node training with uneven shard counts needs).
+
+    It is a plain object (not a closure) so the pipeline pickles for DataLoader workers started with ``spawn`` or
+    ``forkserver``; :meth:`set_epoch` changes the seeds the next iteration uses.
+    """
+
+    def __init__(self, urls: list[str], *, shuffle: bool, seed: int, epoch: int, resampled: bool, rank: int,
+                 world_size: int):
+        self.urls = list(urls)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.resampled = resampled
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        if self.resampled:
+            shards = wds.ResampledShards(self.urls, seed=_mix_seed(self.seed, self.epoch), deterministic=True,
+                                         worker_seed=partial(_resample_worker_seed, self.rank))
+            return iter(shards)
+        shards = wds.SimpleShardList(self.urls, seed=_mix_seed(self.seed, self.epoch) if self.shuffle else None)
+        return wds.split_by_worker(_split_by_node(iter(shards), self.rank, self.world_size))
+
+
+class _BufferShuffle:
+    """Sample shuffle in a buffer of ``bufsize`` (webdataset's ``shuffle`` stage), seeded per epoch, node and
+    worker: reproducible, and different workers do not shuffle in lockstep."""
+
+    def __init__(self, source: _ShardSource, bufsize: int):
+        self.source = source
+        self.bufsize = int(bufsize)
+
+    def __call__(self, src: Iterator) -> Iterator:
+        import webdataset as wds
+
+        s = self.source
+        rng = random.Random(_mix_seed(s.seed, s.epoch, s.rank, _dataloader_worker(), 1))
+        return wds.shuffle(self.bufsize, initial=min(100, self.bufsize), rng=rng)(src)
+
+
+def _decode_sample(sample: dict[str, Any], kind: str, decode: bool, drop_ties: bool):
+    if kind == "preference":
+        return _pair_tuple(sample, drop_ties, decode)  # None (dropped by wds.map) for a tie when drop_ties
+    return _sft_tuple(sample, decode)
+
+
+def corpus_dataset(
+    corpus_dir: str | os.PathLike,
+    *,
+    kind: str = "preference",
+    shuffle: bool = True,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    seed: int = 0,
+    resampled: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch: int = 0,
+    decode: bool = True,
+    drop_ties: bool = False,
+    storage_options: dict | None = None,
+):
+    """A webdataset pipeline over a corpus version, for ``torch.utils.data.DataLoader(num_workers>=0)``.
+
+    Yields what the generator readers yield, so the existing collate functions batch it
+    (``DataLoader(ds, batch_size=B, collate_fn=partial(collate_preference, resolution=R), num_workers=4)``):
+
+    - ``kind="preference"``: ``(img_0, img_1, caption, label_0, label_1)``; ``drop_ties`` skips 0.5/0.5 pairs;
+    - ``kind="sft"``: ``(image, caption, meta)``;
+    - ``kind="raw"``: the undecoded sample dicts (``__key__``, ``__url__``, bytes per member name).
+
+    ``decode=False`` leaves images as their encoded bytes (cheap to move between processes; decode later).
+
+    Splitting: the shard list (from the manifest, see :func:`corpus_shards`) goes to nodes by ``rank`` /
+    ``world_size`` (default :func:`node_rank_world`), then to DataLoader workers (``wds.split_by_worker``), so a
+    shard is read by one worker of one node. Not resampled, an epoch reads each sample exactly once over all
+    nodes and workers, and nodes get ``len(shards) // world_size`` or one more shards -- fine for evaluation or
+    when shards outnumber ranks many times; ``world_size`` above the shard count is an error. ``resampled=True``
+    draws shards with replacement forever (seeded per node and worker), for data-parallel training where every
+    rank must keep producing batches; bound it with ``.with_epoch(n)`` or by counting steps.
+
+    Shuffling (``shuffle=True``): the shard order with a seed made from ``(seed, epoch)``, then samples in a buffer
+    of ``shuffle_buffer``. ``shuffle=False`` reads shards in manifest order and samples in tar order (with one
+    worker and one node: the corpus order, which is what a deterministic export needs). Call
+    ``ds.set_epoch(e)`` before each epoch (like ``DistributedSampler.set_epoch``) or build the dataset with
+    ``epoch=e``; iterating twice without it repeats the same order. (DataLoader workers get a copy of the dataset
+    when an iteration starts: with ``persistent_workers=True`` they keep the epoch they started with.)
+
+    ``storage_options`` go to fsspec for URL corpora (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for an
+    S3-compatible store). The returned pipeline (a ``wds.FluidWrapper``: ``.batched``, ``.with_epoch``, ... work)
+    carries ``shards``, ``num_samples`` (from the manifest, when it says), ``rank``, ``world_size`` and
+    ``set_epoch``.
+    """
+    import webdataset as wds
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
+    root = _as_location(corpus_dir)
+    manifest = read_corpus_manifest(root, storage_options=storage_options)
+    urls = _resolve_shards(root, manifest, storage_options)
+    rank, world_size = node_rank_world(rank, world_size)
+    if not resampled and len(urls) < world_size:
+        raise ValueError(f"{len(urls)} shards cannot be split over {world_size} nodes (some would read nothing); "
+                         f"use resampled=True or write smaller shards")
+    source = _ShardSource(urls, shuffle=shuffle, seed=seed, epoch=epoch, resampled=resampled, rank=rank,
+                          world_size=world_size)
+    ds = wds.FluidWrapper(source)
+    for stage in _sample_stages(storage_options):
+        ds.append(stage)
+    if shuffle and shuffle_buffer > 1:
+        ds.append(_BufferShuffle(source, shuffle_buffer))
+    if kind != "raw":
+        ds.append(wds.map(partial(_decode_sample, kind=kind, decode=decode, drop_ties=drop_ties)))
+    ds.shards = urls
+    ds.num_samples = manifest.get("num_samples") if isinstance(manifest, dict) else None
+    ds.rank, ds.world_size = rank, world_size
+    ds.set_epoch = source.set_epoch
+    return ds
 
 
 # --------------------------------------------------------------------------------------------- collation
