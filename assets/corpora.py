@@ -30,7 +30,6 @@ def _build(context: dg.AssetExecutionContext, storage: StorageResource, profile:
     if not partitions:
         raise dg.Failure(f"{corpus}: no partition has {upstream} output yet; materialize {upstream} first")
     config = {section: settings.get(section) for section in ("corpora", "filters", *config_sections)}
-    config["corpora"] = {k: v for k, v in (config["corpora"] or {}).items() if k != "root"}
     inputs = input_fingerprints(layout, partitions, [f"{upstream}/{upstream_file}"])
     filters = CorpusFilters(settings.get("filters") or {}, device=settings.get("device", "cpu"))
     source = make_source(layout, prompts_by_id(load_prompts(layout, partitions)), settings, filters)
