@@ -8,7 +8,8 @@ from assets.labels import reward_labels
 from pipelines.partitions import prompt_batch_partitions
 from pipelines.resources import JudgeResource, ProfileResource, StorageResource
 
-POINTWISE_KEYS = ("strategy", "min_margin", "tau", "tie_policy", "label_mode", "seed", "max_pairs_per_prompt")
+POINTWISE_KEYS = ("strategy", "min_margin", "tau", "tie_policy", "label_mode", "seed", "max_pairs_per_prompt",
+                  "tie_margin", "top_k", "dimensions", "margin_on")
 
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[reward_labels], group_name="labelling", kinds={"parquet"})
