@@ -15,7 +15,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 PARTITIONED := prompt_batches,candidate_images,reward_labels,preference_pairs
 UNPARTITIONED := sft_corpus,preference_corpus,rl_prompt_pool,sft_run,dpo_run,grpo_run,sft_eval,dpo_eval,grpo_eval
 
-.PHONY: install zoo demo test test-fast dev clean
+.PHONY: install zoo demo test test-fast dev clean system-deps
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,22 @@ demo: install zoo $(DAGSTER_HOME)/dagster.yaml
 	$(DAGSTER) asset materialize -m pipelines.definitions --select "$(UNPARTITIONED)"
 	@$(PY) -m pipelines.cli summary
 
-test: install zoo
+# Debian packages the tests drive for real: a PostgreSQL server (Dagster's Postgres storage, started by the test
+# itself on loopback in a temporary directory) and headless Chromium (the Playwright UI test). Installed only where
+# missing; skipped with a note where apt cannot run (the tests that need them then skip and say why).
+SYSTEM_PACKAGES := postgresql chromium
+system-deps:
+	@missing=""; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "== installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "== cannot install$$missing (needs root and apt-get); the tests that need them will skip"; fi; \
+	fi
+
+test: install zoo system-deps
 	$(PY) -m pytest -q
 
 test-fast: install
