@@ -244,7 +244,7 @@ def _shard_writer(handle):
     """webdataset's ``TarWriter`` over a plain file, in tarfile's block mode (``"w"``; TarWriter picks the pipe
     mode ``"w|"`` for file objects, whose buffer re-slicing copies every large member several times) with USTAR
     headers (TarWriter does not pass its ``format`` on, and tarfile's PAX default costs an extra header block
-    per member). Same tar layout webdataset reads; about twice as fast on image-sized members."""
+    per member), members copied in one piece. Same tar layout webdataset reads."""
     import tarfile
 
     import webdataset as wds
@@ -256,6 +256,7 @@ def _shard_writer(handle):
 
     writer = ShardWriter(handle, mtime=SHARD_MTIME)
     writer.tarstream.format = tarfile.USTAR_FORMAT
+    writer.tarstream.copybufsize = 1 << 24  # copy a member in one piece, not in 16 KiB slices
     return writer
 
 
