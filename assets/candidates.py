@@ -10,7 +10,10 @@ from pipelines.resources import GeneratorResource, ProfileResource, StorageResou
 
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[prompt_batches], group_name="generation",
-          kinds={"diffusers", "webdataset"}, pool="gpu")
+          kinds={"diffusers", "webdataset"}, pool="gpu",
+          # transient failures (a preempted node, a flaky filesystem) retry; finished shards are kept, so a retry
+          # resumes. Out-of-memory is handled inside, by halving the batch.
+          retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL))
 def candidate_images(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                      generator: GeneratorResource) -> dg.MaterializeResult:
     """Generates ``seeds_per_prompt`` candidates per prompt with the profile's generator for its task. Shards are

@@ -43,12 +43,13 @@ def _build(context: dg.AssetExecutionContext, storage: StorageResource, profile:
     return {"build": build, "problems": problems}
 
 
-def _result(built: dict, **extra) -> dg.MaterializeResult:
+def _result(built: dict, more_checks: list | None = None, **extra) -> dg.MaterializeResult:
     build, problems = built["build"], built["problems"]
     manifest = build.manifest
     return dg.MaterializeResult(
         check_results=[dg.AssetCheckResult(check_name="shards_match_manifest", passed=not problems,
-                                           metadata={"problems": "\n".join(problems) or "none"})],
+                                           metadata={"problems": "\n".join(problems) or "none"}),
+                       *(more_checks or [])],
         metadata={
             **extra,
             "version": build.version,
@@ -81,7 +82,11 @@ def sft_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
 
 
 @dg.asset(deps=[preference_pairs], group_name="corpora", kinds={"webdataset"},
-          check_specs=[_integrity_check("preference_corpus")])
+          check_specs=[_integrity_check("preference_corpus"),
+                       dg.AssetCheckSpec("label_0_balanced", asset="preference_corpus", blocking=True,
+                                         description="label_0 averages within 45-55 % (a position bias in the data "
+                                                     "would teach it), or as close as an odd number of pairs per "
+                                                     "task and partition allows.")])
 def preference_corpus(context: dg.AssetExecutionContext, storage: StorageResource,
                       profile: ProfileResource) -> dg.MaterializeResult:
     """Every pair of every partition as Pick-a-Pic samples (``jpg_0, jpg_1, caption, label_0, label_1, json`` +
@@ -99,4 +104,22 @@ def preference_corpus(context: dg.AssetExecutionContext, storage: StorageResourc
         index = pl.read_parquet(handle)
     balance = float(index["label_0"].mean()) if len(index) else float("nan")
     context.log.info(f"preference_corpus: mean label_0 {balance:.3f}")
-    return _result(built, label_0_mean=balance)
+    passed, detail = label_0_balance(index)
+    return _result(built, [dg.AssetCheckResult(check_name="label_0_balanced", passed=passed, metadata=detail)],
+                   label_0_mean=balance)
+
+
+def label_0_balance(index) -> tuple[bool, dict]:
+    """Within 45-55 %, or off by no more than the half pair each odd-sized (partition, task) group must leave."""
+    import polars as pl
+
+    if not len(index):
+        return True, {"label_0_mean": None, "pairs": 0}
+    total = float(index["label_0"].sum())
+    groups = index.group_by("partition", "task").len()
+    odd = int((groups["len"] % 2 == 1).sum())
+    mean = total / len(index)
+    excess = abs(total - len(index) / 2)
+    passed = 0.45 <= mean <= 0.55 or excess <= 0.5 * odd + 1e-9
+    return passed, {"label_0_mean": mean, "pairs": len(index), "odd_groups": odd,
+                    "label_0_minus_half": excess, "ties": index.filter(pl.col("label_0") == 0.5).height}

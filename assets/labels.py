@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from assets._metadata import counts_md, histogram_md, path_md
+from assets._metadata import counts_md, histogram_md, path_md, thumbnails_md
 from assets.candidates import candidate_images
 from pipelines.partitions import prompt_batch_partitions
 from pipelines.resources import ClipResource, JudgeResource, ProfileResource, StorageResource
@@ -11,9 +11,19 @@ from pipelines.resources import ClipResource, JudgeResource, ProfileResource, St
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[candidate_images], group_name="labelling",
           kinds={"transformers", "open_clip", "parquet"}, pool="gpu",
-          check_specs=[dg.AssetCheckSpec("labels_follow_contract", asset="reward_labels",
-                                         description="Every contract column; statuses known; ok rows scored 0-5 "
-                                                     "on their task's dimensions with a reward; failures explained.")])
+          retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL),
+          check_specs=[
+              dg.AssetCheckSpec("labels_follow_contract", asset="reward_labels", blocking=True,
+                                description="Every contract column; statuses known; ok rows scored 0-5 on their "
+                                            "task's dimensions with a reward; failures explained."),
+              dg.AssetCheckSpec("parse_error_rate_below_threshold", asset="reward_labels", blocking=True,
+                                description="The judge's parse failures stay under checks.max_parse_error_rate of "
+                                            "the partition's candidates (a broken judge or rubric must not feed "
+                                            "the corpora)."),
+              dg.AssetCheckSpec("judge_clip_agreement", asset="reward_labels",
+                                description="Reported: the share of same-prompt candidate pairs the judge and CLIP order "
+                                            "the same way; warns below checks.min_judge_clip_agreement."),
+          ])
 def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                   judge: JudgeResource, clip: ClipResource) -> dg.MaterializeResult:
     """Labels every candidate of the partition. Labels are written in parts keyed by (candidate_id, judge_id), so
@@ -71,20 +81,46 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         if len(ok) and ok[name].null_count() < len(ok):
             means[name] = round(float(ok[name].mean()), 4)
     parse_errors = by_status.get("parse_error", 0)
+    checks = settings.get("checks") or {}
+    max_parse_rate = float(checks.get("max_parse_error_rate", 0.2))
+    parse_rate = parse_errors / max(1, len(labels))
+    agreement = judge_clip_agreement(labels)["agreement"]
+    min_agreement = checks.get("min_judge_clip_agreement")
     for row in labels.filter(pl.col("status") != "ok").head(10).iter_rows(named=True):
         context.log.warning(f"candidate {row['candidate_id']}: {row['status']}: {row['error']}")
     return dg.MaterializeResult(
-        check_results=[dg.AssetCheckResult(check_name="labels_follow_contract", passed=not problems,
-                                           metadata={"problems": "\n".join(problems) or "none"})],
+        check_results=[
+            dg.AssetCheckResult(check_name="labels_follow_contract", passed=not problems,
+                                metadata={"problems": "\n".join(problems) or "none"}),
+            dg.AssetCheckResult(check_name="parse_error_rate_below_threshold", passed=parse_rate <= max_parse_rate,
+                                metadata={"parse_error_rate": parse_rate, "threshold": max_parse_rate,
+                                          "parse_errors": parse_errors}),
+            dg.AssetCheckResult(check_name="judge_clip_agreement", severity=dg.AssetCheckSeverity.WARN,
+                                passed=(min_agreement is None or agreement is None
+                                        or float(agreement) >= float(min_agreement)),
+                                metadata={"agreement": agreement, "minimum": min_agreement}),
+        ],
         metadata={
             "num_labels": len(labels),
             "labelled_now": relabelled,
             "by_status": counts_md(by_status, "status"),
             "parse_error_rate": parse_errors / max(1, len(labels)),
             "mean_by_dimension": counts_md(means, "dimension", "mean"),
-            "judge_clip_agreement": judge_clip_agreement(labels)["agreement"],
+            "judge_clip_agreement": agreement,
+            "best_and_worst": _extremes(ok, ok_images, prompts),
             "judge_diagnostics": dg.MetadataValue.md(diagnostics_markdown(labels)),
             "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
             "path": path_md(layout.labels(key)),
         },
     )
+
+
+def _extremes(ok, images: dict, prompts, n: int = 3) -> dg.MetadataValue:
+    """Thumbnails of the ``n`` best- and worst-rewarded ok candidates, with their reward and prompt."""
+    texts = dict(zip(prompts["prompt_id"], prompts["text"]))
+    ranked = ok.filter(ok["reward"].is_not_null()).sort(["reward", "candidate_id"], descending=[True, False])
+    picked = ranked.head(n).to_dicts() + (ranked.tail(n).to_dicts() if len(ranked) > n else [])
+    rows = [(f"{'best' if i < n else 'worst'} · reward {row['reward']:.3f} · {texts.get(row['prompt_id'], '')}",
+             images[row["candidate_id"]]) for i, row in enumerate(picked)
+            if not isinstance(images.get(row["candidate_id"]), (Exception, type(None)))]
+    return thumbnails_md(rows)

@@ -12,7 +12,10 @@ POINTWISE_KEYS = ("strategy", "min_margin", "tau", "tie_policy", "label_mode", "
                   "tie_margin", "top_k", "dimensions", "margin_on")
 
 
-@dg.asset(partitions_def=prompt_batch_partitions, deps=[reward_labels], group_name="labelling", kinds={"parquet"})
+@dg.asset(partitions_def=prompt_batch_partitions, deps=[reward_labels], group_name="labelling", kinds={"parquet"},
+          check_specs=[dg.AssetCheckSpec("no_duplicate_pairs", asset="preference_pairs", blocking=True,
+                                         description="No pair_id twice and no two candidates paired twice (in "
+                                                     "either order); chosen and rejected always differ.")])
 def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                      judge: JudgeResource) -> dg.MaterializeResult:
     """Pairs of one prompt's candidates. ``pairs.mode: pointwise`` (default) orders them by the aggregate reward,
@@ -59,12 +62,32 @@ def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource
     if len(heldout):
         drops["heldout_prompt"] = len(heldout)
     path = write_parquet(pairs, layout.pairs(key))
-    return dg.MaterializeResult(metadata={
-        "mode": mode,
-        **extra,
-        "num_pairs": len(pairs),
-        "drops_by_reason": counts_md(drops),
-        "p_chosen_histogram": histogram_md(pairs["p_chosen"].to_list(), lo=0.5, hi=1.0),
-        "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0,
-        "path": path_md(path),
-    })
+    duplicates = _duplicate_pairs(pairs)
+    return dg.MaterializeResult(
+        check_results=[dg.AssetCheckResult(check_name="no_duplicate_pairs", passed=not duplicates,
+                                           metadata={"problems": "\n".join(duplicates[:20]) or "none"})],
+        metadata={
+            "mode": mode,
+            **extra,
+            "num_pairs": len(pairs),
+            "drops_by_reason": counts_md(drops),
+            "p_chosen_histogram": histogram_md(pairs["p_chosen"].to_list(), lo=0.5, hi=1.0),
+            "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0,
+            "path": path_md(path),
+        },
+    )
+
+
+def _duplicate_pairs(pairs) -> list[str]:
+    import polars as pl
+
+    problems = []
+    repeated = pairs.group_by("pair_id").len().filter(pl.col("len") > 1)
+    problems += [f"pair_id {row['pair_id']} appears {row['len']} times" for row in repeated.iter_rows(named=True)]
+    unordered = pairs.select(pl.min_horizontal("chosen_id", "rejected_id").alias("a"),
+                             pl.max_horizontal("chosen_id", "rejected_id").alias("b"))
+    twice = unordered.group_by("a", "b").len().filter(pl.col("len") > 1)
+    problems += [f"candidates {row['a']} and {row['b']} paired {row['len']} times" for row in twice.iter_rows(named=True)]
+    same = pairs.filter(pl.col("chosen_id") == pl.col("rejected_id"))
+    problems += [f"pair {row['pair_id']} pairs a candidate with itself" for row in same.iter_rows(named=True)]
+    return problems

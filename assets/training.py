@@ -14,10 +14,27 @@ from typing import Any
 
 import dagster as dg
 
-from assets._metadata import path_md
+from assets._metadata import curves_md, path_md
 from assets.corpora import preference_corpus, sft_corpus
 from assets.pool import rl_prompt_pool
 from pipelines.resources import ProfileResource, StorageResource
+
+
+# what each trainer's curves show in the UI (keys of its metrics.jsonl)
+CURVE_KEYS = {"sft": ["loss"], "dpo": ["loss", "implicit_acc", "margin"],
+              "grpo": ["reward_mean", "loss", "kl", "heldout_lambda_harmonic"]}
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return rows
 
 
 def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,
@@ -45,11 +62,13 @@ def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, 
         context.log.info(f"{trainer}: inputs and config unchanged, reusing {directory}")
     point_latest(storage.layout, trainer, directory)
     metrics = {k: v for k, v in result.get("final_metrics", {}).items() if isinstance(v, (int, float))}
+    history = _read_metrics(directory / "metrics.jsonl")
     return dg.MaterializeResult(
         metadata={
             **reported,
             **{f"final_{k}": float(v) for k, v in metrics.items()},
             "steps": int(result.get("steps", 0)),
+            "training_curves": curves_md(history, CURVE_KEYS.get(trainer, ["loss"])),
             "adapter": path_md(result["adapter_path"]),
             "run_dir": path_md(directory),
             "reused": not reported,

@@ -1,17 +1,51 @@
-"""Jobs, the inbox sensor and the nightly refresh schedule."""
+"""What makes the pipeline run itself: jobs, the inbox sensor, the corpus-refresh and training-threshold sensors,
+and the nightly schedule.
+
+    inbox file ──prompt_inbox_sensor──> partition + label_batch_job run
+    new labelled partition ──corpus_refresh_sensor──> corpora_job run (one per state of the inputs)
+    corpus version with ≥ automation.min_new_samples new samples, its blocking checks passed
+        ──training_threshold_sensor──> training_job run for that corpus's trainers and evals
+
+Every sensor decides from what is on disk and in the instance, so a restarted daemon picks up where it was; run
+keys make a repeated decision a no-op.
+"""
 
 import dagster as dg
 
 from pipelines.partitions import PROMPT_BATCH_PARTITIONS, prompt_batch_partitions
-from pipelines.resources import StorageResource
+from pipelines.resources import ProfileResource, StorageResource
 
 PARTITIONED_ASSETS = ["prompt_batches", "candidate_images", "reward_labels", "preference_pairs"]
+CORPUS_ASSETS = ["sft_corpus", "preference_corpus", "rl_prompt_pool"]
+TRAINING_ASSETS = ["sft_run", "grpo_run", "dpo_run", "sft_eval", "grpo_eval", "dpo_eval"]
+# corpus -> the training assets a new version of it starts, and the checks that must have passed first
+TRAINERS_OF = {
+    "sft_corpus": ["sft_run", "grpo_run", "sft_eval", "grpo_eval"],
+    "preference_corpus": ["dpo_run", "dpo_eval"],
+}
+GATING_CHECKS = {
+    "sft_corpus": ["shards_match_manifest"],
+    "preference_corpus": ["shards_match_manifest", "label_0_balanced"],
+}
+DEFAULT_MIN_NEW_SAMPLES = 16
 
 label_batch_job = dg.define_asset_job(
     "label_batch_job",
     selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
     partitions_def=prompt_batch_partitions,
     description="Prompts of one batch -> candidates -> labels -> pairs.",
+)
+
+corpora_job = dg.define_asset_job(
+    "corpora_job",
+    selection=dg.AssetSelection.assets(*CORPUS_ASSETS),
+    description="Corpora and the RL prompt pool from every labelled batch (new versions write only new shards).",
+)
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
+    description="SFT -> GRPO and DPO on the latest corpus versions, and their evals.",
 )
 
 corpus_and_training_job = dg.define_asset_job(
@@ -21,24 +55,151 @@ corpus_and_training_job = dg.define_asset_job(
 )
 
 
-@dg.sensor(job=label_batch_job, minimum_interval_seconds=30)
+def _load_cursor(context) -> dict:
+    import json
+
+    try:
+        return json.loads(context.cursor) if context.cursor else {}
+    except ValueError:
+        return {}
+
+
+def _dump(cursor: dict) -> str:
+    import json
+
+    return json.dumps(cursor, sort_keys=True)
+
+
+@dg.sensor(job=label_batch_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def prompt_inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult | dg.SkipReason:
-    """Adds a ``prompt_batches`` partition per new batch file in the inbox and requests its run."""
-    from pipelines.prompts import PromptFileError, discover_batches
+    """Adds a ``prompt_batches`` partition per new batch file in the inbox (a directory or an fsspec URL) and
+    requests its run. A file that is not a batch (not UTF-8, no JSON object line, a name clashing with another
+    file's) is reported once — a warning in the sensor's log and in its skip message — and skipped until the file
+    changes; it never stops the other files nor crashes the daemon."""
+    from pipelines.inbox import batch_file_problem, list_inbox, read_batch
 
     inbox = storage.inbox_dir
+    cursor = _load_cursor(context)
+    reported: dict[str, str] = cursor.get("reported", {})
     try:
-        batches = discover_batches(inbox)
-    except PromptFileError as exc:
-        return dg.SkipReason(f"inbox {inbox}: {exc}")
+        files, problems = list_inbox(inbox)
+    except Exception as exc:  # noqa: BLE001 - an unreachable inbox is reported, never a daemon crash
+        return dg.SkipReason(f"inbox {inbox} cannot be listed: {type(exc).__name__}: {exc}")
     known = set(context.instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
-    new = sorted(set(batches) - known)
-    if not new:
-        return dg.SkipReason(f"no new batch files in {inbox}")
+    new_reports, fresh = [], []
+    for problem in problems:
+        if reported.get(problem) != "collision":
+            new_reports.append(problem)
+            reported[problem] = "collision"
+    for key, file in sorted(files.items()):
+        if key in known:
+            continue
+        if reported.get(file.url) == file.fingerprint:
+            continue  # reported before and unchanged since
+        try:
+            problem = batch_file_problem(read_batch(file))
+        except OSError as exc:
+            problem = f"cannot be read: {exc}"
+        if problem:
+            new_reports.append(f"{file.url}: {problem}")
+            reported[file.url] = file.fingerprint
+        else:
+            fresh.append(key)
+    for report in new_reports:
+        context.log.warning(f"inbox file skipped: {report}")
+    cursor["reported"] = reported
+    if not fresh:
+        detail = f"; skipped: {' | '.join(new_reports)}" if new_reports else ""
+        context.update_cursor(_dump(cursor))
+        return dg.SkipReason(f"no new batch files in {inbox}{detail}")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=key, run_key=f"{key}") for key in new],
-        dynamic_partitions_requests=[prompt_batch_partitions.build_add_request(new)],
+        run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in fresh],
+        dynamic_partitions_requests=[prompt_batch_partitions.build_add_request(fresh)],
+        cursor=_dump(cursor),
     )
+
+
+def _active_runs(instance, job_name: str) -> int:
+    from dagster import DagsterRunStatus, RunsFilter
+
+    statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                DagsterRunStatus.STARTED]
+    return len(instance.get_run_records(RunsFilter(job_name=job_name, statuses=statuses), limit=50))
+
+
+@dg.sensor(job=corpora_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def corpus_refresh_sensor(context: dg.SensorEvaluationContext, storage: StorageResource,
+                          profile: ProfileResource) -> dg.RunRequest | dg.SkipReason:
+    """Requests a corpora rebuild when the labelled partitions on disk differ from what the latest corpus versions
+    were built from (a new batch, or a re-labelled one) and no batch is still being labelled."""
+    from labelers.hashing import content_id
+    from pipelines.catalog import finished_partitions, input_fingerprints
+    from pipelines.corpora import CorpusStore
+
+    layout = storage.layout
+    state = {}
+    stale = []
+    for corpus, asset, name in (("sft_corpus", "reward_labels", "labels.parquet"),
+                                ("preference_corpus", "preference_pairs", "pairs.parquet")):
+        inputs = input_fingerprints(layout, finished_partitions(layout, asset, name), [f"{asset}/{name}"])
+        state[corpus] = inputs
+        store = CorpusStore(storage.corpus_root(corpus))
+        manifest = store.manifest(store.latest())
+        built = {p: s["fingerprint"] for p, s in (manifest or {}).get("segments", {}).items()}
+        if inputs and inputs != built:
+            stale.append(corpus)
+    if not stale:
+        return dg.SkipReason("the latest corpus versions hold every labelled partition")
+    busy = _active_runs(context.instance, label_batch_job.name)
+    if busy:
+        return dg.SkipReason(f"{busy} batch run(s) still labelling; the corpora wait for them")
+    return dg.RunRequest(run_key=f"corpora-{content_id(state)[:16]}",
+                         tags={"prefmill/trigger": "new labelled partitions: " + ", ".join(stale)})
+
+
+def _check_passed(instance, asset: str, check: str) -> bool:
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    record = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey(asset), check))
+    return record is not None and record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
+
+
+@dg.sensor(job=training_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def training_threshold_sensor(context: dg.SensorEvaluationContext, storage: StorageResource,
+                              profile: ProfileResource) -> dg.SensorResult | dg.SkipReason:
+    """Starts a corpus's trainers (and their evals) when its latest version holds at least
+    ``automation.min_new_samples`` more samples than the version they last trained on and that version passed its
+    blocking checks — not on every change. The cursor keeps the sample count each corpus last trained at."""
+    from pipelines.corpora import CorpusStore
+
+    threshold = int((profile.settings().get("automation") or {}).get("min_new_samples", DEFAULT_MIN_NEW_SAMPLES))
+    cursor = _load_cursor(context)
+    trained_at: dict[str, int] = cursor.get("trained_at", {})
+    requests, waiting = [], []
+    for corpus, assets in TRAINERS_OF.items():
+        store = CorpusStore(storage.corpus_root(corpus))
+        version = store.latest()
+        manifest = store.manifest(version)
+        if manifest is None:
+            waiting.append(f"{corpus}: no version yet")
+            continue
+        new = manifest["num_samples"] - trained_at.get(corpus, 0)
+        if new < threshold:
+            waiting.append(f"{corpus}: {new} new samples < {threshold}")
+            continue
+        failed = [c for c in GATING_CHECKS[corpus] if not _check_passed(context.instance, corpus, c)]
+        if failed:
+            waiting.append(f"{corpus} {version}: checks not passed: {', '.join(failed)}")
+            continue
+        requests.append(dg.RunRequest(run_key=f"train-{corpus}-{version}",
+                                      asset_selection=[dg.AssetKey(a) for a in assets],
+                                      tags={"prefmill/trigger": f"{corpus} {version}: {new} new samples"}))
+        trained_at[corpus] = manifest["num_samples"]
+    cursor["trained_at"] = trained_at
+    if not requests:
+        context.update_cursor(_dump(cursor))
+        return dg.SkipReason("; ".join(waiting))
+    return dg.SensorResult(run_requests=requests, cursor=_dump(cursor))
 
 
 nightly_refresh_schedule = dg.ScheduleDefinition(

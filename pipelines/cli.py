@@ -40,9 +40,18 @@ def register(inbox: Path) -> list[str]:
     from dagster import DagsterInstance
 
     from pipelines.partitions import PROMPT_BATCH_PARTITIONS
-    from pipelines.prompts import discover_batches
+    from pipelines.inbox import batch_file_problem, list_inbox, read_batch
 
-    keys = sorted(discover_batches(inbox))
+    files, problems = list_inbox(str(inbox))
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    keys = []
+    for key, file in sorted(files.items()):
+        problem = batch_file_problem(read_batch(file))
+        if problem:
+            print(f"skipped: {file.url}: {problem}", file=sys.stderr)
+        else:
+            keys.append(key)
     with DagsterInstance.get() as instance:
         known = set(instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
         new = [k for k in keys if k not in known]

@@ -13,10 +13,14 @@ from assets.pool import rl_prompt_pool
 from assets.prompts import prompt_batches
 from assets.training import dpo_run, grpo_run, sft_run
 from pipelines.automation import (
+    corpora_job,
     corpus_and_training_job,
+    corpus_refresh_sensor,
     label_batch_job,
     nightly_refresh_schedule,
     prompt_inbox_sensor,
+    training_job,
+    training_threshold_sensor,
 )
 from pipelines.resources import default_resources
 
@@ -30,8 +34,8 @@ ALL_ASSETS = [
 def build_definitions(data_root: str | None = None, profile: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ALL_ASSETS,
-        jobs=[label_batch_job, corpus_and_training_job],
-        sensors=[prompt_inbox_sensor],
+        jobs=[label_batch_job, corpora_job, training_job, corpus_and_training_job],
+        sensors=[prompt_inbox_sensor, corpus_refresh_sensor, training_threshold_sensor],
         schedules=[nightly_refresh_schedule],
         resources=default_resources(data_root, profile),
     )

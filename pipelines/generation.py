@@ -14,11 +14,14 @@ import contextlib
 import gc
 import hashlib
 import inspect
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+logger = logging.getLogger(__name__)
 
 from labelers.hashing import content_id
 
@@ -161,16 +164,23 @@ class ImageGenerator:
         if not requests:
             return []
         self.setup()
-        images: list[PIL.Image.Image] = []
+        from labelers.oom import map_batches_with_oom_backoff
+
+        def run(batch: list[GenerationRequest]) -> list[PIL.Image.Image]:
+            # Pad the last batch to the full batch shape (copies of its last request, outputs dropped): float
+            # kernels pick different code paths per tensor shape, so a fixed shape makes every image
+            # bit-identical however the requests were grouped or ordered (e.g. a resumed partition).
+            n = len(batch)
+            return self._generate_batch(batch + [batch[-1]] * (self.batch_size - n))[:n]
+
+        def shrink(old: int, new: int) -> None:
+            # A CUDA out-of-memory error: go on at half the batch (images of a smaller batch shape may differ
+            # in the last bits from a run that never ran out of memory).
+            logger.warning(f"{self.model}: out of memory at batch {old}; continuing with batch {new}")
+            self.batch_size = new
+
         with self._threads():
-            for start in range(0, len(requests), self.batch_size):
-                batch = requests[start : start + self.batch_size]
-                n = len(batch)
-                # Pad the last batch to the full batch shape (copies of its last request, outputs dropped): float
-                # kernels pick different code paths per tensor shape, so a fixed shape makes every image
-                # bit-identical however the requests were grouped or ordered (e.g. a resumed partition).
-                batch = batch + [batch[-1]] * (self.batch_size - n)
-                images.extend(self._generate_batch(batch)[:n])
+            images, _ = map_batches_with_oom_backoff(requests, self.batch_size, run, on_shrink=shrink)
         return images
 
     def _threads(self):

@@ -46,14 +46,20 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
     images = load_candidate_images(shard_dir, {row["candidate_id"] for row in todo}) if todo else {}
     sources = {pid: open_rgb(p["source_image"]) for pid, p in prompts_by_id.items()}
     references = {pid: [open_rgb(r) for r in p["reference_images"]] for pid, p in prompts_by_id.items()}
+    from labelers.oom import map_batches_with_oom_backoff
+
     parts_dir.mkdir(parents=True, exist_ok=True)
+    fits = batch_size  # shrinks for good after an out-of-memory error
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         batch_images = {}
         for row in batch:
             image = images.get(row["candidate_id"], ValueError(f"candidate {row['candidate_id']} not in any shard"))
             batch_images[row["candidate_id"]] = image
-        labelled = stage.process_batch(batch, batch_images, sources, references)
+        # A CUDA out-of-memory error labels the batch in smaller pieces (one part is still written per batch).
+        labelled, fits = map_batches_with_oom_backoff(
+            batch, fits, lambda rows: stage.process_batch(rows, batch_images, sources, references),
+            on_shrink=lambda old, new: log(f"out of memory labelling {old} candidates at once; trying {new}"))
         write_parquet(pl.DataFrame(labelled, schema=label_schema()), parts_dir / f"{next_part:06d}.parquet")
         next_part += 1
         log(f"labelled {start + len(batch)}/{len(todo)}")

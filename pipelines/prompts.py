@@ -161,22 +161,3 @@ def prompts_frame(rows: list[dict[str, Any]]):
         "tags": pl.List(pl.String), "split": pl.String,
     }
     return pl.DataFrame(rows, schema=schema)
-
-
-def discover_batches(inbox: Path) -> dict[str, Path]:
-    """Partition key -> batch file for every ``*.jsonl`` under the inbox. Keys are sanitised file stems;
-    two files that sanitise to one key are an error (naming both) rather than a silent overwrite."""
-    from pipelines.paths import safe_key
-
-    found: dict[str, Path] = {}
-    inbox = Path(inbox)
-    if not inbox.exists():
-        return found
-    for path in sorted(inbox.rglob("*.jsonl")):
-        if any(part.startswith(".") for part in path.relative_to(inbox).parts):
-            continue
-        key = safe_key(path.stem)
-        if key in found:
-            raise PromptFileError(f"two inbox files map to partition {key!r}: {found[key]} and {path}")
-        found[key] = path
-    return found

@@ -201,3 +201,16 @@ def test_s3_store_through_moto(s3_bucket):
     assert second.written == ["b"] and latest_version(root) == second.version
     assert verify_corpus(second.url) == []
     assert read_manifest(second.url)["shards"][0]["path"] == f"../{first.version}/shards/000000.tar"
+
+
+def test_label_0_balance_check():
+    from assets.corpora import label_0_balance
+
+    def index(labels, groups):
+        return pl.DataFrame({"label_0": labels, "partition": [g[0] for g in groups], "task": [g[1] for g in groups]})
+
+    assert label_0_balance(index([1.0, 0.0] * 5, [("p", "t2i")] * 10))[0]
+    # 3 pairs in one group: 2/3 is as close to half as it gets
+    assert label_0_balance(index([1.0, 0.0, 1.0], [("p", "t2i")] * 3))[0]
+    assert not label_0_balance(index([1.0, 1.0, 1.0, 0.0], [("p", "t2i")] * 4))[0]
+    assert not label_0_balance(index([1.0] * 6 + [0.0] * 4, [("p", "t2i")] * 10))[0]  # 0.6 with even groups

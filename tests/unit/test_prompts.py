@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.prompts import PromptFileError, discover_batches, ingest_prompt_file
+from pipelines.prompts import PromptFileError, ingest_prompt_file
 
 
 def _png(path, color=(200, 30, 30)):
@@ -61,12 +61,25 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
         ingest_prompt_file(tmp_path / "bin.jsonl", tmp_path)
 
 
-def test_discover_batches_sanitises_keys_and_rejects_collisions(tmp_path):
+def test_inbox_sanitises_keys_and_reports_collisions(tmp_path):
+    from pipelines.inbox import list_inbox
+
     _write(tmp_path / "batch one.jsonl", [{"task": "t2i", "text": "x"}])
     (tmp_path / ".hidden").mkdir()
     _write(tmp_path / ".hidden" / "skip.jsonl", [])
-    assert list(discover_batches(tmp_path)) == ["batch-one"]
+    files, problems = list_inbox(str(tmp_path))
+    assert list(files) == ["batch-one"] and problems == []
     (tmp_path / "sub").mkdir()
     _write(tmp_path / "sub" / "batch-one.jsonl", [])
-    with pytest.raises(PromptFileError, match="two inbox files"):
-        discover_batches(tmp_path)
+    files, problems = list_inbox(str(tmp_path))
+    assert files == {} and len(problems) == 1 and "map to partition 'batch-one'" in problems[0]
+
+
+def test_batch_file_problems():
+    from pipelines.inbox import batch_file_problem
+
+    assert batch_file_problem(b'{"task": "t2i", "text": "x"}\nnot json\n') is None  # rows are the asset's
+    assert "not UTF-8" in batch_file_problem(b"\xff\xfe\x00garbage")
+    assert batch_file_problem(b"") == "empty file"
+    assert "line 1: Expecting value" in batch_file_problem(b"nope\n[1, 2]\n")
+    assert "line 1: not a JSON object" in batch_file_problem(b"[1, 2]\n")
