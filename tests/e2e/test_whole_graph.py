@@ -66,8 +66,23 @@ def test_every_asset_materialized(graph_run):
     checks = {(c.asset_key.to_user_string(), c.check_name): c.passed
               for r in (first, second) for c in r.get_asset_check_evaluations()}
     assert checks == {("reward_labels", "labels_follow_contract"): True,
+                      ("reward_labels", "parse_error_rate_below_threshold"): True,
+                      ("reward_labels", "judge_clip_agreement"): True,
+                      ("preference_pairs", "no_duplicate_pairs"): True,
                       ("sft_corpus", "shards_match_manifest"): True,
-                      ("preference_corpus", "shards_match_manifest"): True}
+                      ("preference_corpus", "shards_match_manifest"): True,
+                      ("preference_corpus", "label_0_balanced"): True}
+
+
+def test_the_ui_gets_counts_thumbnails_and_curves(graph_run):
+    _, first, second, _ = graph_run
+    labels = _meta(first, "reward_labels")
+    assert labels["best_and_worst"].value.count("data:image/png;base64,") >= 2
+    assert "| reason |" in _meta(second, "sft_corpus")["drops_by_reason"].value or \
+        _meta(second, "sft_corpus")["drops_by_reason"].value == "_none_"
+    for trainer in ("sft", "dpo", "grpo"):
+        curves = _meta(second, f"{trainer}_run")["training_curves"].value
+        assert "data:image/png;base64," in curves, curves[:200]
 
 
 def test_prompts_candidates_labels_pairs_follow_the_contracts(graph_run):
