@@ -133,7 +133,7 @@ def cli_main(cls: type[C], train_fn, argv: Sequence[str] | None = None, prog: st
 
 RESUME_NEUTRAL_FIELDS = frozenset(
     {"max_steps", "num_steps", "checkpoint_every", "keep_checkpoints", "output_dir", "resume", "heldout_every",
-     "device", "mixed_precision", "num_threads"}
+     "device", "mixed_precision", "num_threads", "prefetch_factor"}
 )
 
 
@@ -271,11 +271,13 @@ def lora_state_dict_diffusers(unet, adapter_name: str = TRAIN_ADAPTER) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(sd).items()}
 
 
-def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER) -> Path:
+def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER,
+              modules: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically (built in a sibling dir, then renamed).
 
     The peft ``LoraConfig`` goes into the safetensors metadata (diffusers' ``unet_lora_adapter_metadata``), so
-    ``load_lora_weights`` restores rank *and* alpha exactly.
+    ``load_lora_weights`` restores rank *and* alpha exactly. ``modules`` (name -> ``nn.Module``): extra trainable
+    modules saved beside it as ``<name>.safetensors`` (+ ``<name>.json``), see :func:`save_module`.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -292,6 +294,8 @@ def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTE
         safe_serialization=True,
         unet_lora_adapter_metadata=metadata,
     )
+    for name, module in (modules or {}).items():
+        save_module(module, tmp, name)
     _replace_dir(tmp, out_dir)
     return out_dir
 
@@ -358,6 +362,31 @@ def load_lora_into(unet, adapter_dir: str | os.PathLike, adapter_name: str = TRA
         raise ValueError(f"adapter {adapter_dir} does not match the UNet's LoRA layout: "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), {len(missing)} missing "
                          f"(e.g. {missing[:2]})")
+
+
+def save_module(module, directory: str | os.PathLike, name: str) -> Path:
+    """``directory/<name>.safetensors``: the module's ``state_dict`` (safetensors, never pickle), plus
+    ``directory/<name>.json`` with ``module.config_dict()`` when the module has one (what rebuilds it)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(directory / f"{name}.safetensors"), metadata={"format": "pt"})
+    config = getattr(module, "config_dict", None)
+    if callable(config):
+        write_json(directory / f"{name}.json", config())
+    return directory / f"{name}.safetensors"
+
+
+def load_module_into(module, directory: str | os.PathLike, name: str) -> None:
+    """Copy ``directory/<name>.safetensors`` into ``module`` (strict: same keys and shapes)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {name} weights at {path}")
+    module.load_state_dict(load_file(str(path)), strict=True)
 
 
 def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,
@@ -573,17 +602,20 @@ class MetricsLogger:
 class CheckpointManager:
     """Checkpoints under ``<output_dir>/checkpoints/step-XXXXXXXX/``:
 
-    - ``adapter/pytorch_lora_weights.safetensors`` — the trainable LoRA (diffusers format);
+    - ``adapter/pytorch_lora_weights.safetensors`` — the trainable LoRA (diffusers format), and
+      ``adapter/<name>.safetensors`` (+ ``.json``) for each extra trainable module (``modules``);
     - ``optimizer.pt`` — ``optimizer.state_dict()`` (tensors + primitives only; loaded with ``weights_only=True``);
     - ``trainer_state.json`` — ``{"step", "config_fingerprint", "config", "extra"}`` (``extra``: the trainer's own
       counters, e.g. samples consumed or the best held-out score), written last: a directory without it is
       incomplete and ignored.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, every: int, keep: int = 2):
+    def __init__(self, output_dir: str | os.PathLike, every: int, keep: int = 2,
+                 modules: dict[str, Any] | None = None):
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.every = int(every)
         self.keep = int(keep)
+        self.modules = dict(modules or {})  # name -> unwrapped nn.Module, saved and restored with the adapter
 
     def due(self, step: int, final_step: int) -> bool:
         return step == final_step or (self.every > 0 and step % self.every == 0)
@@ -609,7 +641,7 @@ class CheckpointManager:
         tmp = self.root / f".step-{step:08d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_lora(unet, tmp / "adapter")
+        save_lora(unet, tmp / "adapter", modules=self.modules)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         fingerprint, _ = config_fingerprint(config)
         state = {"step": int(step), "config_fingerprint": fingerprint, "config": config_to_dict(config),
@@ -634,6 +666,8 @@ class CheckpointManager:
                 f"checkpoint {ckpt_dir} was written with a different config (fields: {', '.join(diff)}); "
                 "use a new output_dir or set resume: false to start over")
         load_lora_into(unet, ckpt_dir / "adapter", TRAIN_ADAPTER)
+        for name, module in self.modules.items():
+            load_module_into(module, ckpt_dir / "adapter", name)
         opt_state = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt_state)
         return state
@@ -659,14 +693,21 @@ class TrainingSetup:
     extra: dict[str, Any]
     lora: dict[str, Any]
     output_dir: Path
+    modules: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra trainable modules (prepared)
 
     @property
     def device(self):
         return self.accelerator.device
 
 
-def prepare_training(cfg: Any, *, loss_key: str = "loss") -> TrainingSetup:
+def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> TrainingSetup:
     """Seed, load the pipeline, add LoRA (optionally from ``cfg.init_adapter``), build AdamW, resume.
+
+    ``modules``: extra trainable ``nn.Module``s (name -> module, or a callable ``pipe -> {name: module}`` for
+    modules sized from the pipeline), e.g. SFT's reward embedding. Each gets its own AdamW parameter group after
+    the LoRA's (so ``params`` and gradient clipping cover them), is saved with every checkpoint and the final
+    adapter (:func:`save_module`), restored on resume, and passed through ``accelerator.prepare``
+    (``TrainingSetup.modules`` holds the prepared ones).
 
     Reads these config fields: ``pretrained_model, output_dir, seed, lora_rank, lora_alpha, learning_rate,
     adam_weight_decay, checkpoint_every, keep_checkpoints, resume, mixed_precision, device, num_threads`` and
@@ -690,9 +731,16 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss") -> TrainingSetup:
     lora = setup_lora(unet, cfg.lora_rank, getattr(cfg, "lora_alpha", None), getattr(cfg, "init_adapter", None),
                       cfg.seed)
     params = lora_parameters(unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=getattr(cfg, "adam_weight_decay", 0.0))
+    extra_modules = dict((modules(pipe) if callable(modules) else modules) or {})
+    groups = [{"params": params}]
+    for module in extra_modules.values():
+        module.to(accelerator.device)
+        groups.append({"params": [p for p in module.parameters() if p.requires_grad]})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=getattr(cfg, "adam_weight_decay", 0.0))
 
-    checkpoints = CheckpointManager(out, cfg.checkpoint_every, getattr(cfg, "keep_checkpoints", 2))
+    checkpoints = CheckpointManager(out, cfg.checkpoint_every, getattr(cfg, "keep_checkpoints", 2),
+                                    modules=extra_modules)
     start_step, extra = 0, {}
     if not getattr(cfg, "resume", True):
         checkpoints.clear()
@@ -701,13 +749,13 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss") -> TrainingSetup:
         if latest is not None:
             state = checkpoints.load(latest[1], unet, optimizer, cfg)
             start_step, extra = int(state["step"]), dict(state.get("extra") or {})
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *extra_modules.values())
     logger = MetricsLogger(out, resume_step=start_step, enabled=accelerator.is_main_process, loss_key=loss_key)
     if start_step:
         logger.info(f"resumed from {latest[1]} at step {start_step}")  # type: ignore[index]
     write_json(out / "config.json", config_to_dict(cfg))
     return TrainingSetup(cfg, accelerator, pipe, unet, optimizer, params, logger, checkpoints, start_step, extra,
-                         lora, out)
+                         lora, out, dict(zip(extra_modules, prepared)))
 
 
 def unwrap(setup: TrainingSetup):
@@ -729,7 +777,8 @@ def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, An
     setup.accelerator.wait_for_everyone()
     result: dict[str, Any] = {}
     if setup.accelerator.is_main_process:
-        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter")
+        modules = {name: setup.accelerator.unwrap_model(m) for name, m in setup.modules.items()}
+        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter", modules=modules)
         latest = setup.checkpoints.latest()
         result = {
             "steps": int(step),

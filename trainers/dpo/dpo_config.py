@@ -16,6 +16,11 @@ class DPOConfig(LoRATrainingConfig):
     init_adapter: str | None = None  # e.g. the SFT adapter; the reference model is then this adapter, frozen
     beta: float = 2000.0  # KL strength β (the paper uses 2000-5000 for SD-sized models)
     drop_ties: bool = True  # skip 0.5/0.5 pairs (no preference to learn)
+    # Latents of both images: a VAE posterior sample (True, as Diffusion-DPO's reference code) or the posterior mean
+    # (False: each pair's latents are deterministic). Use False when the VAE's posterior std is not small against
+    # the w/l difference, e.g. the random zoo VAE (posterior std ~0.95 vs ~0.19 between a bright and a dark version
+    # of one image, unscaled): the independent posterior noise of w and l then drowns the preference.
+    sample_latents: bool = True
     max_steps: int = 20
     batch_size: int = 4  # pairs per optimizer step and process (before gradient accumulation)
     gradient_accumulation_steps: int = 1

@@ -2,7 +2,10 @@
 
 Per pair ``(x_w, x_l, c)``: the same noise ``ε`` and timestep ``t`` are used for both images; the per-sample
 errors ``‖ε - ε_θ(x_t, t, c)‖²`` of the policy (LoRA on) and the frozen reference (LoRA off, or the frozen init
-adapter) enter :func:`trainers.losses.diffusion_dpo_loss`. Logs ``loss``, ``implicit_acc`` and ``margin`` per step.
+adapter) enter :func:`trainers.losses.diffusion_dpo_loss`. Logs ``loss``, ``implicit_acc`` and ``margin`` per step,
+and the implicit rewards of the preferred and the dispreferred images, ``reward_w`` / ``reward_l`` =
+``mean(-½·β·(err_θ - err_ref))`` (``margin = reward_w - reward_l``): both falling while the margin grows means the
+policy got worse at denoising the preferred images too, only less so (likelihood displacement).
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ def train(config: DPOConfig | dict | str) -> dict[str, Any]:
         t0 = time.perf_counter()
         lr = common.apply_lr(opt, cfg, step)
         gen = common.step_generator(cfg.seed, step, salt=acc.process_index)
-        sums = {"loss": 0.0, "implicit_acc": 0.0, "margin": 0.0, "model_diff": 0.0, "ref_diff": 0.0}
+        sums = {"loss": 0.0, "implicit_acc": 0.0, "margin": 0.0, "reward_w": 0.0, "reward_l": 0.0, "model_diff": 0.0,
+                "ref_diff": 0.0}
         for _micro in range(cfg.gradient_accumulation_steps):
             batch = next_batch()
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            latents = common.images_to_latents(pipe.vae, pixels, generator=gen).float()
+            latents = common.images_to_latents(pipe.vae, pixels, generator=gen, sample=cfg.sample_latents).float()
             half = latents.shape[0] // 2
             noise = torch.randn((half, *latents.shape[1:]), generator=gen).to(acc.device).repeat(2, 1, 1, 1)
             timesteps = torch.randint(0, num_train_t, (half,), generator=gen).to(acc.device).repeat(2)
@@ -72,6 +76,9 @@ def train(config: DPOConfig | dict | str) -> dict[str, Any]:
             sums["loss"] += loss.item() / n
             sums["implicit_acc"] += implicit_acc.item() / n
             sums["margin"] += margin.item() / n
+            implicit_reward = -0.5 * cfg.beta * (model_err.detach() - ref_err)
+            sums["reward_w"] += implicit_reward[:half].mean().item() / n
+            sums["reward_l"] += implicit_reward[half:].mean().item() / n
             sums["model_diff"] += (model_err[:half] - model_err[half:]).mean().item() / n
             sums["ref_diff"] += (ref_err[:half] - ref_err[half:]).mean().item() / n
         grad_norm = acc.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainers.config import LoRATrainingConfig
+
+
+def _t2i_dimensions() -> list[str]:
+    """The t2i judge rubric's dimensions (``labelers/rubrics/t2i.yaml``): prompt_alignment, visual_quality, ..."""
+    from labelers.rubrics import load_rubric
+
+    return list(load_rubric("t2i").dimension_names)
 
 
 @dataclass
@@ -18,3 +25,19 @@ class SFTConfig(LoRATrainingConfig):
     gradient_accumulation_steps: int = 1
     caption_dropout: float = 0.0  # probability of training on the empty caption (enables CFG)
     shuffle: bool = True
+    shuffle_buffer: int = 256  # samples in each DataLoader worker's shuffle buffer
+    # Data loading: each rank reads its own shards in `dataloader_num_workers` worker processes (0: in the training
+    # process) that decode and collate while the step runs. The sample order depends on the worker count (and on
+    # the number of processes), so a run resumes with the same ones.
+    dataloader_num_workers: int = 1
+    prefetch_factor: int = 2  # chunks of `batch_size` samples each worker keeps ready
+    # Reward conditioning (multi-reward as condition): each dimension's judge score (0..reward_scale, read from the
+    # sample's json) is embedded into reward_tokens_per_dimension extra cross-attention tokens (trainers/
+    # conditioning.py); the module is trained with the LoRA and saved beside it (adapter/reward_embedding.*).
+    # At inference trainers.conditioning.encode_prompts_with_rewards asks for any scores (e.g. all 5).
+    reward_conditioning: bool = False
+    reward_dimensions: list[str] = field(default_factory=_t2i_dimensions)
+    reward_scale: float = 5.0  # the scores' maximum (the judge rubrics score 0-5)
+    reward_tokens_per_dimension: int = 1
+    reward_dropout: float = 0.1  # probability a sample trains without the reward tokens (the plain prompt)
+    reward_dimension_dropout: float = 0.0  # probability each dimension's score is hidden (-> its "unknown" token)

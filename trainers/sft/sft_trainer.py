@@ -1,9 +1,13 @@
 """SFT trainer: LoRA on the UNet, standard denoising loss ``‖ε - ε_θ(√ᾱ_t·z + √(1-ᾱ_t)·ε, t, c)‖²``.
 
 Stage 1 of DyRef's two-stage recipe (SFT, then RL from this adapter: ``GRPOConfig.init_adapter``).
-Randomness of step ``k`` (VAE posterior sample, noise, timesteps, caption dropout) comes from a generator seeded
-with ``(seed, k)`` and the data stream is seeded per epoch, so a resumed run continues exactly like an
-uninterrupted one.
+Randomness of step ``k`` (VAE posterior sample, noise, timesteps, caption and reward dropout) comes from a
+generator seeded with ``(seed, k)``, and the data stream (:mod:`trainers.sft.stream`: each rank's shards through
+DataLoader workers) is checkpointed by position, so a resumed run continues exactly like an uninterrupted one.
+
+With ``reward_conditioning`` the condition ``c`` is the caption's CLIP hidden states plus reward tokens embedding
+the sample's per-dimension judge scores (:mod:`trainers.conditioning`); the embedding is trained with the LoRA, is
+in the optimizer and the checkpoints, and is saved as ``adapter/reward_embedding.safetensors`` + ``.json``.
 """
 
 from __future__ import annotations
@@ -14,69 +18,167 @@ from typing import Any
 from trainers.sft.sft_config import SFTConfig
 
 
-def train(config: SFTConfig | dict | str) -> dict[str, Any]:
-    """Train, checkpoint, and write ``adapter/``, ``metrics.jsonl``, ``result.json`` into ``output_dir``."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
+class SFTStep:
+    """The loss of one SFT micro-batch (shared by :func:`train` and ``bench/train_loader.py``).
 
-    from trainers import common
-    from trainers.data import batched, collate_sft, sft_samples
-    from trainers.losses import noise_prediction_target
+    ``batch``: ``{"pixels": (B,3,R,R) in [-1,1], "captions": [...], "meta": [sample json, ...]}``; every random
+    draw comes from ``gen`` in a fixed order (posterior sample, noise, timesteps, caption dropout, then -- when
+    conditioning -- dimension dropout and reward dropout), so plain SFT draws what it always drew.
+    """
 
-    cfg = common.coerce_config(SFTConfig, config)
+    def __init__(self, cfg: SFTConfig, setup):
+        from diffusers import DDPMScheduler
+
+        from trainers import common
+        from trainers.conditioning import EMBEDDING_NAME
+
+        self.cfg = cfg
+        self.acc, self.pipe, self.unet = setup.accelerator, setup.pipe, setup.unet
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.num_train_t = self.noise_scheduler.config.num_train_timesteps
+        self.empty_emb = common.encode_prompts(self.pipe, [""], self.acc.device) if cfg.caption_dropout > 0 else None
+        self.reward = setup.modules.get(EMBEDDING_NAME) if cfg.reward_conditioning else None
+        self.reward_module = self.acc.unwrap_model(self.reward) if self.reward is not None else None
+
+    def loss(self, batch: dict[str, Any], gen) -> tuple[Any, dict[str, float]]:
+        """``(loss, extra metrics)``."""
+        import torch
+        import torch.nn.functional as F
+
+        from trainers import common
+        from trainers.conditioning import append_reward_tokens, reward_token_mask
+        from trainers.losses import noise_prediction_target
+
+        cfg, acc = self.cfg, self.acc
+        latents = common.images_to_latents(self.pipe.vae, batch["pixels"], generator=gen).float()
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen).to(acc.device)
+        timesteps = torch.randint(0, self.num_train_t, (bsz,), generator=gen).to(acc.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        emb = common.encode_prompts(self.pipe, batch["captions"], acc.device)
+        if self.empty_emb is not None:
+            drop = (torch.rand(bsz, generator=gen) < cfg.caption_dropout).to(acc.device)
+            emb = torch.where(drop[:, None, None], self.empty_emb.expand_as(emb), emb)
+        mask, extra = None, {}
+        if self.reward is not None:
+            scores = self.reward_module.scores_tensor(batch["meta"])  # (B, D), NaN = no score
+            if cfg.reward_dimension_dropout > 0:
+                hide = torch.rand(scores.shape, generator=gen) < cfg.reward_dimension_dropout
+                scores = scores.masked_fill(hide, float("nan"))
+            text_len = emb.shape[1]
+            emb = append_reward_tokens(emb, self.reward(scores.to(acc.device)))
+            if cfg.reward_dropout > 0:
+                keep = torch.rand(bsz, generator=gen) >= cfg.reward_dropout
+                mask = reward_token_mask(bsz, text_len, emb.shape[1] - text_len, keep, device=acc.device)
+                extra["reward_kept"] = float(keep.float().mean())
+            extra["reward_known"] = float(torch.isfinite(scores).float().mean())
+        target = noise_prediction_target(self.noise_scheduler, latents, noise, timesteps)
+        with acc.autocast():
+            pred = self.unet(noisy, timesteps, emb, encoder_attention_mask=mask).sample
+        return F.mse_loss(pred.float(), target.float()), extra
+
+
+def reward_embedding_factory(cfg: SFTConfig):
+    """``pipe -> {"reward_embedding": RewardEmbedding}`` for ``prepare_training(modules=...)`` (None when off)."""
+    if not cfg.reward_conditioning:
+        return None
+    if not cfg.reward_dimensions:
+        raise ValueError("reward_conditioning needs at least one entry in reward_dimensions")
+
+    def build(pipe):
+        from trainers.conditioning import EMBEDDING_NAME, RewardEmbedding
+
+        width = int(pipe.text_encoder.config.hidden_size)
+        return {EMBEDDING_NAME: RewardEmbedding(cfg.reward_dimensions, width, scale=cfg.reward_scale, seed=cfg.seed,
+                                                tokens_per_dimension=cfg.reward_tokens_per_dimension)}
+
+    return build
+
+
+def _validate(cfg: SFTConfig) -> None:
     if not cfg.corpus_dir:
         raise ValueError("SFTConfig.corpus_dir is required")
-    s = common.prepare_training(cfg)
-    acc, pipe, unet, opt = s.accelerator, s.pipe, s.unet, s.optimizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_train_t = noise_scheduler.config.num_train_timesteps
+    for name in ("caption_dropout", "reward_dropout", "reward_dimension_dropout"):
+        if not 0.0 <= float(getattr(cfg, name)) <= 1.0:
+            raise ValueError(f"SFTConfig.{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.dataloader_num_workers < 0:
+        raise ValueError(f"SFTConfig.dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
+
+
+def train(config: SFTConfig | dict | str) -> dict[str, Any]:
+    """Train, checkpoint, and write ``adapter/``, ``metrics.jsonl``, ``result.json`` into ``output_dir``."""
+    from trainers import common
+    from trainers.conditioning import WEIGHTS_NAME
+    from trainers.sft.stream import SFTStream
+
+    cfg = common.coerce_config(SFTConfig, config)
+    _validate(cfg)
+    s = common.prepare_training(cfg, modules=reward_embedding_factory(cfg))
+    acc, opt = s.accelerator, s.optimizer
+    step_fn = SFTStep(cfg, s)
 
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    consumed = s.start_step * per_step * acc.num_processes  # global samples consumed before start_step
-    stream = sft_samples(cfg.corpus_dir, cfg.seed if cfg.shuffle else None, repeat=True, skip=consumed,
-                         rank=acc.process_index, world_size=acc.num_processes)
-    batches = batched(stream, cfg.batch_size)
-    empty_emb = common.encode_prompts(pipe, [""], acc.device) if cfg.caption_dropout > 0 else None
+    position = None
+    if s.start_step:
+        positions = s.extra.get("stream_positions")
+        if not isinstance(positions, list) or len(positions) != acc.num_processes:
+            raise ValueError(f"checkpoint at step {s.start_step} holds data stream positions for "
+                             f"{len(positions) if isinstance(positions, list) else 'no'} process(es), this run has "
+                             f"{acc.num_processes}: it can only resume with the process count it was written with")
+        position = positions[acc.process_index]
+    stream = SFTStream(cfg.corpus_dir, resolution=cfg.resolution, chunk_size=cfg.batch_size, seed=cfg.seed,
+                       shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
+                       world_size=acc.num_processes, num_workers=cfg.dataloader_num_workers,
+                       prefetch_factor=cfg.prefetch_factor, position=position)
 
-    unet.train()
+    s.unet.train()
+    if step_fn.reward is not None:
+        step_fn.reward.train()
     step = s.start_step
     last: dict[str, Any] = {}
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = common.apply_lr(opt, cfg, step)
-        gen = common.step_generator(cfg.seed, step, salt=acc.process_index)
-        total_loss = 0.0
-        for _micro in range(cfg.gradient_accumulation_steps):
-            batch = collate_sft(next(batches), cfg.resolution)
-            latents = common.images_to_latents(pipe.vae, batch["pixels"], generator=gen).float()
-            bsz = latents.shape[0]
-            noise = torch.randn(latents.shape, generator=gen).to(acc.device)
-            timesteps = torch.randint(0, num_train_t, (bsz,), generator=gen).to(acc.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            emb = common.encode_prompts(pipe, batch["captions"], acc.device)
-            if empty_emb is not None:
-                drop = (torch.rand(bsz, generator=gen) < cfg.caption_dropout).to(acc.device)
-                emb = torch.where(drop[:, None, None], empty_emb.expand_as(emb), emb)
-            target = noise_prediction_target(noise_scheduler, latents, noise, timesteps)
-            with acc.autocast():
-                pred = unet(noisy, timesteps, emb).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            acc.backward(loss / cfg.gradient_accumulation_steps)
-            total_loss += loss.item() / cfg.gradient_accumulation_steps
-        grad_norm = acc.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        metrics = {"loss": total_loss, "lr": lr, "step_time": time.perf_counter() - t0,
-                   "samples_seen": step * per_step * acc.num_processes}
-        if grad_norm is not None:
-            metrics["grad_norm"] = common.to_float(grad_norm)
-        last = s.logger.log(step, metrics)
-        if acc.is_main_process and s.checkpoints.due(step, cfg.max_steps):
-            consumed_now = step * per_step * acc.num_processes
-            s.checkpoints.save(step, common.unwrap(s), opt, cfg, {"samples_consumed": consumed_now})
-    unet.eval()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = common.apply_lr(opt, cfg, step)
+            gen = common.step_generator(cfg.seed, step, salt=acc.process_index)
+            total_loss, data_time, extras = 0.0, 0.0, {}
+            for _micro in range(cfg.gradient_accumulation_steps):
+                d0 = time.perf_counter()
+                batch = stream.take(cfg.batch_size)
+                data_time += time.perf_counter() - d0
+                loss, extra = step_fn.loss(batch, gen)
+                acc.backward(loss / cfg.gradient_accumulation_steps)
+                total_loss += loss.item() / cfg.gradient_accumulation_steps
+                for k, v in extra.items():
+                    extras[k] = extras.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            grad_norm = acc.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"loss": total_loss, "lr": lr, "step_time": time.perf_counter() - t0, "data_time": data_time,
+                       "samples_seen": step * per_step * acc.num_processes, **extras}
+            if grad_norm is not None:
+                metrics["grad_norm"] = common.to_float(grad_norm)
+            last = s.logger.log(step, metrics)
+            if s.checkpoints.due(step, cfg.max_steps):
+                positions = [stream.position]
+                if acc.num_processes > 1:  # every rank reads its own shards: keep every rank's position
+                    from accelerate.utils import gather_object
+
+                    positions = gather_object(positions)
+                if acc.is_main_process:
+                    extra_state = {"samples_consumed": step * per_step * acc.num_processes,
+                                   "stream_positions": positions}
+                    s.checkpoints.save(step, common.unwrap(s), opt, cfg, extra_state)
+    finally:
+        stream.close()
+    s.unet.eval()
+    if step_fn.reward is not None:
+        step_fn.reward.eval()
     last = last or (s.logger.history[-1] if s.logger.history else {})
     final = {k: v for k, v in last.items() if k not in ("step", "time")}
-    return common.finish_training(s, step, final)
+    extra_result = {}
+    if cfg.reward_conditioning:
+        extra_result["reward_embedding_file"] = str(s.output_dir / "adapter" / WEIGHTS_NAME)
+        extra_result["reward_dimensions"] = list(cfg.reward_dimensions)
+    return common.finish_training(s, step, final, extra_result)

@@ -1,0 +1,31 @@
+"""The prefmill code location for Kubernetes with the step-per-pod executor.
+
+Everything of ``pipelines.definitions`` (assets, jobs, sensors, schedules, resources), with
+``dagster_k8s.k8s_job_executor`` configured from ``deploy/k8s/run_config.yaml`` as the executor of every job, so
+runs from sensors and schedules get the per-step pod settings (GPUs for the gpu pool) without run config.
+
+Serve it from the image (Helm ``dagster-user-deployments``)::
+
+    dagster api grpc --python-file deploy/k8s/definitions.py --working-directory /app -h 0.0.0.0 -p 3030
+
+Keep ``-m pipelines.definitions`` instead to run each run's steps in its run pod (multiprocess executor).
+"""
+
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from dagster_k8s import k8s_job_executor
+
+from pipelines.definitions import defs as prefmill_defs
+
+RUN_CONFIG = Path(__file__).resolve().with_name("run_config.yaml")
+
+
+def executor_config(path: Path = RUN_CONFIG) -> dict:
+    return yaml.safe_load(path.read_text())["execution"]["config"]
+
+
+prefmill_k8s_executor = k8s_job_executor.configured(executor_config(), name="prefmill_k8s_job_executor")
+
+defs = dg.Definitions.merge(prefmill_defs, dg.Definitions(executor=prefmill_k8s_executor))
