@@ -21,7 +21,7 @@ from pipelines.resources import ProfileResource, StorageResource
 
 
 # what each trainer's curves show in the UI (keys of its metrics.jsonl)
-CURVE_KEYS = {"sft": ["loss"], "dpo": ["loss", "implicit_acc", "margin"],
+CURVE_KEYS = {"sft": ["loss"], "dpo": ["loss", "implicit_acc", "margin", "reward_w", "reward_l"],
               "grpo": ["reward_mean", "loss", "kl", "heldout_lambda_harmonic"]}
 
 
