@@ -11,9 +11,9 @@ manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
   ``ref_K.jpg``): ``undecodable_image``, ``undersized_image``, ``nsfw``, ``near_duplicate_pair`` (the two images
   are the same picture to the perceptual hash or CLIP), ``duplicate_pair`` (the same two candidates already paired).
 
-Which image is ``jpg_0`` alternates over the kept pairs of each task of a partition, in an order drawn from the seed
-and the pair ids, so ``label_0`` is balanced (exactly, up to one pair per task and partition, and ties) and
-reproducible.
+Which image is ``jpg_0`` alternates over the kept pairs, task by task and partition by partition in build order, in
+an order drawn from the seed and the pair ids, so ``label_0`` is balanced over the corpus (to within half a pair,
+ties aside) and reproducible; a refresh continues the alternation where the referenced partitions left it.
 """
 
 from __future__ import annotations
@@ -200,10 +200,12 @@ class PreferenceSource:
         self.seed = seed
         self.filters = filters
         self.paired: set[tuple[str, str]] = set()
+        self.written = 0  # pairs before this partition (in build order): where the jpg_0 alternation stands
 
     def reused(self, partition: str, rows) -> None:
         if len(rows):
             self.paired.update(_unordered(a, b) for a, b in zip(rows["chosen_id"], rows["rejected_id"]))
+        self.written += len(rows)
 
     def _near_duplicates(self, a: Any, b: Any, emb_a: Any, emb_b: Any) -> bool:
         import numpy as np
@@ -245,15 +247,13 @@ class PreferenceSource:
             else:
                 self.paired.add(_unordered(*ids))
                 kept.append(pair)
-        # Alternate within each task, so every task's subset (an export of t2i pairs alone) is balanced too.
+        # One alternation running through every task and partition in build order: the whole corpus is balanced to
+        # within half a pair, and each task's subset to within about one pair per partition.
         order = sorted(kept, key=lambda pair: (self.prompts[pair["prompt_id"]]["task"],
                                                hashlib.sha256(f"{self.seed}:{pair['pair_id']}".encode()).hexdigest()))
-        rank, task = 0, None
         for pair in order:
-            if self.prompts[pair["prompt_id"]]["task"] != task:
-                rank, task = 0, self.prompts[pair["prompt_id"]]["task"]
-            yield self._sample(pair, images, chosen_first=rank % 2 == 0)
-            rank += 1
+            yield self._sample(pair, images, chosen_first=self.written % 2 == 0)
+            self.written += 1
 
     def _sample(self, pair: dict[str, Any], images: dict[str, Any], chosen_first: bool):
         from PIL import Image

@@ -210,7 +210,10 @@ def test_label_0_balance_check():
         return pl.DataFrame({"label_0": labels, "partition": [g[0] for g in groups], "task": [g[1] for g in groups]})
 
     assert label_0_balance(index([1.0, 0.0] * 5, [("p", "t2i")] * 10))[0]
-    # 3 pairs in one group: 2/3 is as close to half as it gets
+    # 3 pairs: 2/3 is as close to half as it gets
     assert label_0_balance(index([1.0, 0.0, 1.0], [("p", "t2i")] * 3))[0]
+    # odd groups no longer excuse an imbalance the corpus-wide alternation would have avoided
+    assert not label_0_balance(index([1.0, 0.0, 1.0] * 3, [("p1", "t2i")] * 3 + [("p2", "t2i")] * 3
+                                     + [("p3", "t2i")] * 3))[0]
     assert not label_0_balance(index([1.0, 1.0, 1.0, 0.0], [("p", "t2i")] * 4))[0]
     assert not label_0_balance(index([1.0] * 6 + [0.0] * 4, [("p", "t2i")] * 10))[0]  # 0.6 with even groups
