@@ -51,19 +51,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 wds = pytest.importorskip("webdataset")
 
+from tiny_corpus import write_corpus  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun", "a black cat", "a white dog",
             "a tall tree", "a small boat"]
 RESOLUTION = 32
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
@@ -96,25 +93,6 @@ def _jpeg(arr01: np.ndarray) -> bytes:
     Image.fromarray((np.clip(arr01, 0, 1) * 255).round().astype("uint8")).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
 
-
-def _write_corpus(root: Path, samples: list[dict], per_shard: int = 4) -> str:
-    """A corpus version dir as the corpus assets write it: shards/NNNNNN.tar + index.parquet + manifest.json."""
-    import polars as pl
-
-    (root / "shards").mkdir(parents=True)
-    rows, shards = [], []
-    for i in range(0, len(samples), per_shard):
-        name = f"{i // per_shard:06d}.tar"
-        chunk = samples[i : i + per_shard]
-        with wds.TarWriter(str(root / "shards" / name)) as sink:
-            for sample in chunk:
-                sink.write(sample)
-                rows.append({"key": sample["__key__"], "shard": f"shards/{name}"})
-        shards.append({"path": f"shards/{name}", "count": len(chunk)})
-    pl.DataFrame(rows).write_parquet(root / "index.parquet")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 2, "shards": shards,
-                                                   "num_samples": len(samples)}))
-    return str(root)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -192,7 +170,7 @@ def test_sft_loss_falls(tiny_model, tmp_path):
 
     samples = [{"__key__": f"s{i:04d}", "jpg": _jpeg(_bright_dark(1000 + i)[0]), "txt": CAPTIONS[i], "json": {}}
                for i in range(8)]
-    corpus = _write_corpus(tmp_path / "sft_corpus", samples)
+    corpus = write_corpus(tmp_path / "sft_corpus", samples, per_shard=4)
     out = tmp_path / "sft"
     steps = 40
     t0 = time.perf_counter()
@@ -238,7 +216,7 @@ def _toy_preference_corpus(root: Path, n_pairs: int, seed: int) -> str:
             "label_1.txt": "0" if bright_first else "1",
             "json": {"pair_id": f"p{i}", "bright_side": 0 if bright_first else 1},
         })
-    return _write_corpus(root, samples)
+    return write_corpus(root, samples, per_shard=4)
 
 
 def test_dpo_learns_toy_brightness_preference(tiny_model, tmp_path):

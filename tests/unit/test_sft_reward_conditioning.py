@@ -9,7 +9,6 @@ DataLoader stream resuming at any position with several workers.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,47 +25,14 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 wds = pytest.importorskip("webdataset")
 
+from tiny_corpus import CAPTIONS, COLOURS, noisy_jpeg, write_corpus  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 T2I_DIMS = ["prompt_alignment", "visual_quality", "aesthetics"]
-CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun", "a black cat", "a white dog"]
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 220, 20), (10, 10, 10), (245, 245, 245)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def _jpeg(colour, seed: int, size: int = 32) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write_corpus(root: Path, samples: list[dict], per_shard: int) -> Path:
-    import polars as pl
-
-    (root / "shards").mkdir(parents=True)
-    rows, shards = [], []
-    for i in range(0, len(samples), per_shard):
-        name = f"shards/{i // per_shard:06d}.tar"
-        chunk = samples[i : i + per_shard]
-        with wds.TarWriter(str(root / name)) as sink:
-            for sample in chunk:
-                sink.write(sample)
-                rows.append({"key": sample["__key__"], "shard": name})
-        shards.append({"path": name, "count": len(chunk)})
-    pl.DataFrame(rows).write_parquet(root / "index.parquet")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 2, "shards": shards,
-                                                    "num_samples": len(samples)}))
-    return root
 
 
 def _meta(i: int) -> dict:
@@ -92,9 +58,9 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def scored_corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("scored_corpus") / "v1"
-    samples = [{"__key__": f"s{i:04d}", "jpg": _jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6],
+    samples = [{"__key__": f"s{i:04d}", "jpg": noisy_jpeg(COLOURS[i % 6], i, size=32), "txt": CAPTIONS[i % 6],
                 "json": json.dumps(_meta(i)).encode()} for i in range(12)]
-    return str(_write_corpus(root, samples, per_shard=5))  # shards of 5, 5, 2
+    return write_corpus(root, samples, per_shard=5)  # shards of 5, 5, 2
 
 
 def _cfg(model: str, corpus: str, out: Path, **kw):

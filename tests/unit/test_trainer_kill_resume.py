@@ -14,7 +14,6 @@ config but another ``output_dir``, which the resume fingerprint ignores; run in 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -33,50 +32,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 wds = pytest.importorskip("webdataset")
 
+from tiny_corpus import CAPTIONS, COLOURS, noisy_jpeg, write_corpus  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[2]
-CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun", "a black cat", "a white dog"]
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 220, 20), (10, 10, 10), (245, 245, 245)]
 MAX_STEPS = 12
 FIRST_CHECKPOINT = "step-00000002"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def _jpeg(colour, seed: int, size: int = 64) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write_corpus(root: Path, samples: list[dict], per_shard: int) -> str:
-    """A corpus version dir as the corpus assets write it: shards/NNNNNN.tar + index.parquet + manifest.json."""
-    import polars as pl
-
-    (root / "shards").mkdir(parents=True)
-    rows, shards = [], []
-    for i in range(0, len(samples), per_shard):
-        name = f"{i // per_shard:06d}.tar"
-        chunk = samples[i : i + per_shard]
-        with wds.TarWriter(str(root / "shards" / name)) as sink:
-            for sample in chunk:
-                sink.write(sample)
-                rows.append({"key": sample["__key__"], "shard": f"shards/{name}"})
-        shards.append({"path": f"shards/{name}", "count": len(chunk)})
-    pl.DataFrame(rows).write_parquet(root / "index.parquet")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 2, "shards": shards,
-                                                   "num_samples": len(samples)}))
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +55,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory) -> str:
-    samples = [{"__key__": f"s{i:04d}", "jpg": _jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6], "json": {}}
+    samples = [{"__key__": f"s{i:04d}", "jpg": noisy_jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6], "json": {}}
                for i in range(10)]
-    return _write_corpus(tmp_path_factory.mktemp("sft_corpus") / "v1", samples, per_shard=4)
+    return write_corpus(tmp_path_factory.mktemp("sft_corpus") / "v1", samples, per_shard=4)
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +67,14 @@ def pref_corpus(tmp_path_factory) -> str:
         label_0 = ["1", "0", "0.5"][i % 3]  # ties included: raw_samples_consumed must count them on resume
         samples.append({
             "__key__": f"p{i:04d}",
-            "jpg_0.jpg": _jpeg(COLOURS[i % 6], 100 + i),
-            "jpg_1.jpg": _jpeg(COLOURS[(i + 3) % 6], 200 + i),
+            "jpg_0.jpg": noisy_jpeg(COLOURS[i % 6], 100 + i),
+            "jpg_1.jpg": noisy_jpeg(COLOURS[(i + 3) % 6], 200 + i),
             "caption.txt": CAPTIONS[i % 6],
             "label_0.txt": label_0,
             "label_1.txt": {"1": "0", "0": "1", "0.5": "0.5"}[label_0],
             "json": {"pair_id": f"p{i}"},
         })
-    return _write_corpus(tmp_path_factory.mktemp("pref_corpus") / "v1", samples, per_shard=4)
+    return write_corpus(tmp_path_factory.mktemp("pref_corpus") / "v1", samples, per_shard=4)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -7,7 +7,6 @@ resumed run continues from its latest checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -23,48 +22,14 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 wds = pytest.importorskip("webdataset")
 
-CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun", "a black cat", "a white dog"]
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 220, 20), (10, 10, 10), (245, 245, 245)]
+from tiny_corpus import CAPTIONS, COLOURS, noisy_jpeg, write_corpus  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than two competing ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def _jpeg(colour, seed: int, size: int = 64) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write_corpus(root: Path, samples: list[dict], per_shard: int) -> Path:
-    """A corpus version dir as the corpus assets write it: shards/NNNNNN.tar + index.parquet + manifest.json."""
-    import polars as pl
-
-    (root / "shards").mkdir(parents=True)
-    rows, shards = [], []
-    for i in range(0, len(samples), per_shard):
-        name = f"{i // per_shard:06d}.tar"
-        chunk = samples[i : i + per_shard]
-        with wds.TarWriter(str(root / "shards" / name)) as sink:
-            for sample in chunk:
-                sink.write(sample)
-                rows.append({"key": sample["__key__"], "shard": f"shards/{name}"})
-        shards.append({"path": f"shards/{name}", "count": len(chunk)})
-    pl.DataFrame(rows).write_parquet(root / "index.parquet")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": shards}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +46,11 @@ def tiny_model(tmp_path_factory) -> str:
 def sft_corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("sft_corpus") / "v1"
     samples = [
-        {"__key__": f"s{i:04d}", "jpg": _jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6],
+        {"__key__": f"s{i:04d}", "jpg": noisy_jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6],
          "json": {"clip_t": 0.3, "lambda_harmonic": 0.3, "reward": 0.5, "quality": 4.0, "quality_feedback": "ok"}}
         for i in range(10)
     ]
-    return str(_write_corpus(root, samples, per_shard=4))
+    return write_corpus(root, samples, per_shard=4)
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +62,14 @@ def pref_corpus(tmp_path_factory) -> str:
         label_1 = {"1": "0", "0": "1", "0.5": "0.5"}[label_0]
         samples.append({
             "__key__": f"p{i:04d}",
-            "jpg_0.jpg": _jpeg(COLOURS[i % 6], 100 + i),
-            "jpg_1.jpg": _jpeg(COLOURS[(i + 3) % 6], 200 + i),
+            "jpg_0.jpg": noisy_jpeg(COLOURS[i % 6], 100 + i),
+            "jpg_1.jpg": noisy_jpeg(COLOURS[(i + 3) % 6], 200 + i),
             "caption.txt": CAPTIONS[i % 6],
             "label_0.txt": label_0,
             "label_1.txt": label_1,
             "json": {"pair_id": f"p{i}", "p_chosen": 0.8},
         })
-    return str(_write_corpus(root, samples, per_shard=4))
+    return write_corpus(root, samples, per_shard=4)
 
 
 @pytest.fixture(scope="module")
