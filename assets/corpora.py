@@ -116,10 +116,8 @@ def label_0_balance(index) -> tuple[bool, dict]:
     if not len(index):
         return True, {"label_0_mean": None, "pairs": 0}
     total = float(index["label_0"].sum())
-    groups = index.group_by("partition", "task").len()
-    odd = int((groups["len"] % 2 == 1).sum())
     mean = total / len(index)
     excess = abs(total - len(index) / 2)
     passed = 0.45 <= mean <= 0.55 or excess <= 0.5 + 1e-9  # a tiny corpus with an odd count is as close as it gets
-    return passed, {"label_0_mean": mean, "pairs": len(index), "odd_groups": odd,
+    return passed, {"label_0_mean": mean, "pairs": len(index),
                     "label_0_minus_half": excess, "ties": index.filter(pl.col("label_0") == 0.5).height}

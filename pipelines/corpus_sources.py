@@ -207,13 +207,11 @@ class PreferenceSource:
             self.paired.update(_unordered(a, b) for a, b in zip(rows["chosen_id"], rows["rejected_id"]))
         self.written += len(rows)
 
-    def _near_duplicates(self, a: Any, b: Any, emb_a: Any, emb_b: Any) -> bool:
+    def _near_duplicates(self, phash_a: int | None, phash_b: int | None, emb_a: Any, emb_b: Any) -> bool:
         import numpy as np
 
-        from labelers.filters import perceptual_hash
-
         limit = self.filters.phash_max_distance
-        if limit is not None and bin(perceptual_hash(a) ^ perceptual_hash(b)).count("1") <= limit:
+        if limit is not None and bin(phash_a ^ phash_b).count("1") <= limit:
             return True
         if self.filters.clip_cosine is not None and emb_a is not None and emb_b is not None:
             cosine = float(np.dot(emb_a, emb_b) / (np.linalg.norm(emb_a) * np.linalg.norm(emb_b) + 1e-12))
@@ -232,6 +230,9 @@ class PreferenceSource:
         problems = {key: self.filters.image_problem(images.get(key)) for key in keys}
         clean = sorted(key for key, problem in problems.items() if problem is None)
         nsfw = dict(zip(clean, self.filters.nsfw_flags([images[key] for key in clean])))
+        # once per image, not once per pair it appears in (all_pairs puts an image in several)
+        phashes = (dict(zip(clean, perceptual_hashes([images[key] for key in clean])))
+                   if self.filters.phash_max_distance is not None else {})
         kept = []
         for pair in pairs.sort("pair_id").iter_rows(named=True):
             ids = (pair["chosen_id"], pair["rejected_id"])
@@ -242,7 +243,8 @@ class PreferenceSource:
                 drops["nsfw"] += 1
             elif _unordered(*ids) in self.paired:
                 drops["duplicate_pair"] += 1
-            elif self._near_duplicates(images[ids[0]], images[ids[1]], embeddings.get(ids[0]), embeddings.get(ids[1])):
+            elif self._near_duplicates(phashes.get(ids[0]), phashes.get(ids[1]), embeddings.get(ids[0]),
+                                       embeddings.get(ids[1])):
                 drops["near_duplicate_pair"] += 1
             else:
                 self.paired.add(_unordered(*ids))
