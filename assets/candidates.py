@@ -39,29 +39,33 @@ def candidate_images(context: dg.AssetExecutionContext, storage: StorageResource
         settings["seeds_per_prompt"], settings.get("base_seed", 0),
     )
 
-    def source_for(prompt: dict) -> Image.Image | None:
+    def source_for(prompt: dict) -> tuple[Image.Image | None, tuple]:
+        """``(source image, native reference images)`` of a prompt for its task's generator."""
         spec = specs[prompt["task"]]
         if prompt["task"] == "edit":
             with Image.open(prompt["source_image"]) as img:
-                return img.convert("RGB")
-        if spec.get("reference_grid") and prompt["reference_images"]:
+                return img.convert("RGB"), ()
+        if prompt["task"] == "multi_ref" and prompt["reference_images"]:
             refs = []
             for path in prompt["reference_images"]:
                 with Image.open(path) as img:
                     refs.append(img.convert("RGB"))
-            return reference_grid(refs, spec.get("width", 512), spec.get("height", 512))
-        return None
+            if gens["multi_ref"].reference_input == "native":  # several input images (Qwen-Image-Edit-Plus, Kontext)
+                return None, tuple(refs)
+            # the fallback for single-image edit models, recorded as params.reference_input = "grid"
+            return reference_grid(refs, spec.get("width", 512), spec.get("height", 512)), ()
+        return None, ()
 
     def make_requests(chunk: list[dict]) -> dict[str, list]:
         grouped: dict[str, list] = {}
-        sources: dict[str, Image.Image | None] = {}
+        sources: dict[str, tuple] = {}
         for cand in chunk:
             prompt = prompts_by_id[cand["prompt_id"]]
             if prompt["prompt_id"] not in sources:
                 sources[prompt["prompt_id"]] = source_for(prompt)
             grouped.setdefault(prompt["task"], []).append(GenerationRequest(
                 key=cand["candidate_id"], text=prompt["text"], seed=cand["seed"],
-                source_image=sources[prompt["prompt_id"]]))
+                source_image=sources[prompt["prompt_id"]][0], reference_images=sources[prompt["prompt_id"]][1]))
         return grouped
 
     shard_dir = layout.asset_dir("candidate_images", key) / "shards"

@@ -49,7 +49,15 @@ def build_eval_asset(run_asset: dg.AssetsDefinition, trainer: str) -> dg.AssetsD
                               drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
                               judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
                               preference_scorer=clip.preference_scorer())
-        table, summary = evaluate_adapter(generator.for_task("t2i"), stage, rows, adapter,
+        from assets.training import training_model
+
+        eval_generator = generator.for_model(training_model(settings))  # the model the adapter was trained on
+        if eval_generator.reference_input is None:  # a text-only model cannot condition on references
+            rows = [r for r in rows if r["task"] != "multi_ref"]
+            if not rows:
+                raise dg.Failure(f"{trainer}_eval: the trained model takes no input images and every held-out "
+                                 "prompt is multi_ref")
+        table, summary = evaluate_adapter(eval_generator, stage, rows, adapter,
                                           settings["eval"]["seeds_per_prompt"], sources, references)
         out = layout.eval_root(trainer) / run.name
         write_parquet(table.drop("raw_judgement", strict=False), out / "results.parquet")

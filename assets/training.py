@@ -97,15 +97,32 @@ def _train_on_corpus(context: dg.AssetExecutionContext, pipes: dg.PipesSubproces
     return _launch(context, pipes, storage, trainer, {corpus: version}, config)
 
 
+def training_model(settings: dict[str, Any]) -> str:
+    """The checkpoint the trainers fine-tune: ``training.model``, else the multi_ref generator's model when it takes
+    several input images (DyRef trains its multi-image edit model on every task), else the t2i generator's."""
+    from pipelines.zoo import resolve_model
+    from trainers.families import input_images
+
+    training = settings["training"]
+    if training.get("model"):
+        return str(training["model"])
+    generators = settings["generation"]["generators"]
+    multi = generators["multi_ref"]["model"]
+    return multi if input_images(resolve_model(multi)) > 1 else generators["t2i"]["model"]
+
+
 def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from pipelines.zoo import resolve_model
 
     settings = profile.settings()
     base = dict(settings["training"][trainer])
     base.setdefault("resolution", settings["generation"]["generators"]["t2i"].get("width", 512))
+    if settings["training"].get("tasks"):
+        # the tasks the trained model learns; samples of other tasks are skipped (and counted by the trainers)
+        base.setdefault("tasks", list(settings["training"]["tasks"]))
     if settings.get("cpu_threads"):
         base.setdefault("num_threads", settings["cpu_threads"])
-    return settings, {"pretrained_model": resolve_model(settings["generation"]["generators"]["t2i"]["model"]), **base}
+    return settings, {"pretrained_model": resolve_model(training_model(settings)), **base}
 
 
 @dg.asset(deps=[sft_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
@@ -145,6 +162,6 @@ def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profil
     )
     drs = settings["rewards"].get("drs", {})
     config.update(use_drs=bool(drs.get("enabled")), drs_k0=drs.get("k0", 10.0), drs_k1=drs.get("k1", 3.0),
-                  drs_tau=drs.get("tau", 0.68))
+                  drs_tau=drs.get("tau", 0.65))
     inputs = {"sft_run": sft_dir.name, "rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}
     return _launch(context, pipes_subprocess_client, storage, "grpo", inputs, config)

@@ -4,10 +4,12 @@
     python -m pipelines.cli register     add a prompt_batches partition per inbox file to the Dagster instance
     python -m pipelines.cli partitions   print the registered partition keys, one per line
     python -m pipelines.cli summary      one screen: what the last materializations wrote
-    python -m pipelines.cli export-pickapic --out DIR [--corpus-dir DIR] [--drop-ties] [--tasks t2i]
+    python -m pipelines.cli export-pickapic --out DIR [--corpus-dir DIR] [--drop-ties] [--tasks t2i,edit|all]
+                                         [--soft-labels round|refuse]
                                          the preference corpus as a Hugging Face dataset with Pick-a-Pic v2's
-                                         columns (default: the latest version under the data root); prints a
-                                         JSON summary
+                                         columns (default: the latest version under the data root, t2i pairs
+                                         only, soft labels rounded to 0/0.5/1); prints a JSON summary, and what
+                                         it left out on stderr
 """
 
 from __future__ import annotations
@@ -120,12 +122,23 @@ def main(argv: list[str] | None = None) -> int:
                              "<data>/corpora/preference_corpus")
     export.add_argument("--rows-per-file", type=int, default=None)
     export.add_argument("--drop-ties", action="store_true", help="leave out 0.5/0.5 pairs (Diffusion-DPO)")
-    export.add_argument("--tasks", default=None, help="only pairs of these tasks, comma-separated (e.g. t2i)")
+    export.add_argument("--tasks", default=None,
+                        help="pairs of these tasks, comma-separated (default t2i: Pick-a-Pic trainers are "
+                             "text-to-image; e.g. t2i,edit, or all)")
+    export.add_argument("--soft-labels", choices=["round", "refuse"], default="round",
+                        help="a label_0 other than 0, 0.5, 1: round it to the nearest (counted; default) or refuse "
+                             "to export")
     args = parser.parse_args(argv)
     if args.command == "export-pickapic":
         if not args.out:
             parser.error("export-pickapic needs --out DIR")
-        print(json.dumps(export_pickapic_command(args), indent=2))
+        try:
+            result = export_pickapic_command(args)
+        except (ValueError, FileExistsError) as e:
+            print(f"export-pickapic: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2))
+        print(export_report(result), file=sys.stderr)
         return 0
     inbox = Path(args.inbox or default_inbox(args.data))
     if args.command == "seed-inbox":
@@ -140,12 +153,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_pickapic_command(args: argparse.Namespace) -> dict:
-    from pipelines.export import ROWS_PER_FILE, export_pickapic
+    from pipelines.export import DEFAULT_TASKS, ROWS_PER_FILE, export_pickapic
 
     corpus = args.corpus_dir or os.fspath(Layout(args.data).corpus_root("preference_corpus"))
+    if not args.tasks:
+        tasks = DEFAULT_TASKS
+    elif args.tasks.strip() == "all":
+        tasks = None
+    else:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     return export_pickapic(corpus, args.out, rows_per_file=args.rows_per_file or ROWS_PER_FILE,
-                           drop_ties=args.drop_ties,
-                           tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None)
+                           drop_ties=args.drop_ties, tasks=tasks, soft_labels=args.soft_labels)
+
+
+def export_report(summary: dict) -> str:
+    """One line of what the export wrote and left out, then its notes."""
+    left_out = ", ".join(f"{reason}={n}" for reason, n in summary["left_out"].items()) or "nothing"
+    lines = [f"exported {summary['rows']} pairs to {summary['out_dir']}; left out: {left_out}; "
+             f"soft labels rounded: {summary['soft_label_rounded']}"]
+    return "\n".join(lines + [f"note: {note}" for note in summary["notes"]])
 
 
 def _registered() -> list[str]:

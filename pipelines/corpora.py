@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from labelers.hashing import content_id
 
-SCHEMA_VERSION = 3  # 3: jpg_0 alternates through the whole preference corpus
+SCHEMA_VERSION = 4  # 3: jpg_0 alternates through the whole preference corpus; 4: SFT samples carry src/ref images, pairs generator ids
 LATEST = "latest"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"

@@ -3,13 +3,15 @@
 Every row that does not make it is counted by reason (``drops``); the reasons end up per partition in the
 manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
 
-* SFT (``jpg, txt, json``): ``heldout_prompt``, ``label_<status>`` (judge failures), ``missing_reward``,
+* SFT (``jpg, txt, json`` + ``src.jpg``, ``ref_K.jpg`` for edit / multi_ref): ``heldout_prompt``, ``label_<status>`` (judge failures), ``missing_reward``,
   ``below_reward_threshold`` (under the partition's ``sft_min_reward_quantile``), ``undecodable_image``,
   ``undersized_image``, ``nsfw``, ``exact_duplicate``, ``near_duplicate_phash``, ``near_duplicate_clip`` (within
   the partition the best-rewarded copy is kept; across partitions the earlier partition's copy).
 * Preference (Pick-a-Pic: ``jpg_0.jpg, jpg_1.jpg, caption.txt, label_0.txt, label_1.txt, json`` + ``src.jpg``,
-  ``ref_K.jpg``): ``undecodable_image``, ``undersized_image``, ``nsfw``, ``near_duplicate_pair`` (the two images
-  are the same picture to the perceptual hash or CLIP), ``duplicate_pair`` (the same two candidates already paired).
+  ``ref_K.jpg``; the ``json`` holds the pair's row, ``task``, ``chosen_is_jpg_0`` and the candidates'
+  ``chosen_generator_id``/``rejected_generator_id``): ``undecodable_image``, ``undersized_image``, ``nsfw``,
+  ``near_duplicate_pair`` (the two images are the same picture to the perceptual hash or CLIP), ``duplicate_pair``
+  (the same two candidates already paired).
 
 Which image is ``jpg_0`` alternates over the kept pairs, task by task and partition by partition in build order, in
 an order drawn from the seed and the pair ids, so ``label_0`` is balanced over the corpus (to within half a pair,
@@ -179,10 +181,27 @@ class SftSource:
             meta = {k: v for k, v in row.items() if k != "raw_judgement"}
             meta.update(task=prompt["task"], text=prompt["text"], sft_min_reward=threshold)
             sample = {"__key__": row["candidate_id"], "jpg": encode_image(images[row["candidate_id"]], "jpg"),
-                      "txt": prompt["text"], "json": json.dumps(meta, default=str).encode()}
+                      "txt": prompt["text"], "json": json.dumps(meta, default=str).encode(),
+                      **conditioning_members(prompt)}  # an edit / multi_ref sample trains with its images
             yield sample, {"candidate_id": row["candidate_id"], "prompt_id": row["prompt_id"],
                            "task": prompt["task"], "reward": row["reward"], "image_sha256": row["image_sha256"],
                            "phash": f"{phash:016x}"}
+
+
+def conditioning_members(prompt: dict[str, Any]) -> dict[str, bytes]:
+    """``src.jpg`` (edit) and ``ref_K.jpg`` (multi_ref) members of a sample: the images its task conditions on."""
+    from PIL import Image
+
+    from pipelines.io import encode_image
+
+    members: dict[str, bytes] = {}
+    if prompt.get("source_image"):
+        with Image.open(prompt["source_image"]) as src:
+            members["src.jpg"] = encode_image(src.convert("RGB"), "jpg")
+    for k, ref_path in enumerate(prompt.get("reference_images") or []):
+        with Image.open(ref_path) as ref:
+            members[f"ref_{k}.jpg"] = encode_image(ref.convert("RGB"), "jpg")
+    return members
 
 
 def _phashes(rows) -> list[int] | None:
@@ -227,6 +246,8 @@ class PreferenceSource:
         keys = set(pairs["chosen_id"].to_list()) | set(pairs["rejected_id"].to_list())
         images = load_candidate_images(self.layout.asset_dir("candidate_images", partition) / "shards", keys)
         embeddings = load_embeddings(self.layout, partition)
+        generators = dict(pl.read_parquet(self.layout.candidates(partition), columns=["candidate_id", "generator_id"])
+                          .iter_rows())
         problems = {key: self.filters.image_problem(images.get(key)) for key in keys}
         clean = sorted(key for key, problem in problems.items() if problem is None)
         nsfw = dict(zip(clean, self.filters.nsfw_flags([images[key] for key in clean])))
@@ -254,10 +275,10 @@ class PreferenceSource:
         order = sorted(kept, key=lambda pair: (self.prompts[pair["prompt_id"]]["task"],
                                                hashlib.sha256(f"{self.seed}:{pair['pair_id']}".encode()).hexdigest()))
         for pair in order:
-            yield self._sample(pair, images, chosen_first=self.written % 2 == 0)
+            yield self._sample(pair, images, generators, chosen_first=self.written % 2 == 0)
             self.written += 1
 
-    def _sample(self, pair: dict[str, Any], images: dict[str, Any], chosen_first: bool):
+    def _sample(self, pair: dict[str, Any], images: dict[str, Any], generators: dict[str, str], chosen_first: bool):
         from PIL import Image
 
         from pipelines.io import encode_image
@@ -274,15 +295,13 @@ class PreferenceSource:
             "caption.txt": prompt["text"],
             "label_0.txt": _label_text(label_0),
             "label_1.txt": _label_text(1.0 - label_0),
+            # the generator ids are what the Pick-a-Pic export writes as model_0/model_1
             "json": json.dumps({**pair, "task": prompt["task"], "chosen_is_jpg_0": chosen_first,
+                                "chosen_generator_id": generators.get(pair["chosen_id"]),
+                                "rejected_generator_id": generators.get(pair["rejected_id"]),
                                 "reference_types": prompt["reference_types"]}, default=str).encode(),
         }
-        if prompt["source_image"]:
-            with Image.open(prompt["source_image"]) as src:
-                sample["src.jpg"] = encode_image(src.convert("RGB"), "jpg")
-        for k, ref_path in enumerate(prompt["reference_images"]):
-            with Image.open(ref_path) as ref:
-                sample[f"ref_{k}.jpg"] = encode_image(ref.convert("RGB"), "jpg")
+        sample.update(conditioning_members(prompt))
         return sample, {"pair_id": pair["pair_id"], "prompt_id": pair["prompt_id"], "task": prompt["task"],
                         "chosen_id": pair["chosen_id"], "rejected_id": pair["rejected_id"],
                         "label_0": label_0, "caption": prompt["text"],

@@ -6,16 +6,27 @@ from __future__ import annotations
 from typing import Any
 
 
-def eval_requests(prompts: list[dict[str, Any]], seeds: int, base_seed: int = 1000):
+def eval_requests(prompts: list[dict[str, Any]], seeds: int, base_seed: int = 1000,
+                  references: dict | None = None, reference_input: str | None = None):
+    """Requests for each prompt and seed; a multi_ref prompt's references (``references[prompt_id]``: PIL images)
+    go in natively (``reference_input == "native"``) or as a grid source image (``"grid"``)."""
     from labelers.hashing import content_id
+    from pipelines.candidates import reference_grid
     from pipelines.generation import GenerationRequest
 
     requests, rows = [], []
     for prompt in prompts:
+        refs = tuple((references or {}).get(prompt["prompt_id"]) or ())
+        source, native = None, ()
+        if prompt.get("task") == "multi_ref" and refs and reference_input == "native":
+            native = refs
+        elif prompt.get("task") == "multi_ref" and refs and reference_input == "grid":
+            source = reference_grid(list(refs), refs[0].width, refs[0].height)
         for index in range(seeds):
             seed = base_seed + index
             key = content_id("eval", prompt["prompt_id"], seed)
-            requests.append(GenerationRequest(key=key, text=prompt["text"], seed=seed))
+            requests.append(GenerationRequest(key=key, text=prompt["text"], seed=seed, source_image=source,
+                                              reference_images=native))
             rows.append({"candidate_id": key, "prompt_id": prompt["prompt_id"], "task": prompt["task"],
                          "text": prompt["text"], "seed": seed})
     return requests, rows
@@ -26,7 +37,8 @@ def evaluate_adapter(generator, stage, prompts: list[dict[str, Any]], adapter_di
     """Returns (per-image label table with a ``weights`` column, summary dict)."""
     import polars as pl
 
-    requests, rows = eval_requests(prompts, seeds)
+    requests, rows = eval_requests(prompts, seeds, references=references,
+                                   reference_input=getattr(generator, "reference_input", None))
     base_images = generator.generate(requests)
     generator.load_lora(adapter_dir)
     try:

@@ -38,7 +38,8 @@ class GenerationRequest:
     key: str  # the caller's id for the image (e.g. a candidate_id)
     text: str
     seed: int
-    source_image: "PIL.Image.Image | None" = None  # required for edits
+    source_image: "PIL.Image.Image | None" = None  # the edit's source (or, for single-image models, a reference grid)
+    reference_images: tuple = ()  # multi_ref references, passed natively to models that take several images
 
 
 class ImageGenerator:
@@ -62,6 +63,7 @@ class ImageGenerator:
         batch_size: int = 8,
         negative_prompt: str | None = None,
         cpu_threads: int | None = None,
+        reference_input: str | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -84,7 +86,13 @@ class ImageGenerator:
         # core (e.g. parallel partitions on a small machine) slow each other down many times over: set it to
         # cores // processes there. Not part of generator_id.
         self.cpu_threads = cpu_threads
+        # how multi_ref references reach the model: "native" (several input images) or "grid" (tiled into one
+        # source image for single-image edit models); recorded in params, so in every candidate's row
+        if reference_input not in (None, "native", "grid"):
+            raise ValueError(f"reference_input must be 'native' or 'grid', got {reference_input!r}")
+        self.reference_input = reference_input
         self._pipe: Any = None
+        self._family: Any = None
         self._call_params: frozenset[str] = frozenset()
         self._lora: dict[str, str] | None = None
 
@@ -102,6 +110,8 @@ class ImageGenerator:
         }
         if self.kind == "edit":
             p["image_guidance_scale"] = self.image_guidance_scale
+        if self.reference_input is not None:
+            p["reference_input"] = self.reference_input
         if self._lora is not None:
             p["lora_sha256"] = self._lora["sha256"]  # content, not path: a copied adapter keeps its id
         return p
@@ -124,14 +134,25 @@ class ImageGenerator:
 
         from pipelines.zoo import resolve_model
 
+        from trainers.families import FLOW_FAMILIES, load_family
+
         torch_dtype = getattr(torch, self.dtype)
         with _quiet_loading(), self._threads():
-            pipe = DiffusionPipeline.from_pretrained(resolve_model(self.model), torch_dtype=torch_dtype)
-        pipe.set_progress_bar_config(disable=True)
+            family = load_family(resolve_model(self.model), dtype=torch_dtype)
+        pipe = family.pipe
         pipe = pipe.to(self.device)
         self._call_params = frozenset(inspect.signature(pipe.__call__).parameters)
         if self.kind == "edit" and "image" not in self._call_params:
             raise ValueError(f"{type(pipe).__name__} ({self.model}) takes no source image: not an edit pipeline")
+        if family.name in FLOW_FAMILIES and self.width != self.height:
+            raise ValueError(f"{self.model}: flow-matching families generate square images here; "
+                             f"got width {self.width} != height {self.height}")
+        # UNet families generate through their diffusers pipeline's __call__; flow-matching families through the
+        # family's sampler (the Euler ODE of FlowMatchEulerDiscreteScheduler, the same components), which encodes
+        # input images at the generated size and takes several natively (the edit pipelines resize each input to
+        # ~1024² whatever the output, and FLUX Kontext's __call__ takes one).
+        self._native = family.name in FLOW_FAMILIES
+        self._family = family
         self._pipe = pipe
 
     def teardown(self) -> None:
@@ -148,6 +169,20 @@ class ImageGenerator:
             torch.cuda.empty_cache()
 
     @property
+    def family(self) -> Any:
+        if self._family is None:
+            raise RuntimeError("ImageGenerator.setup() has not been called")
+        return self._family
+
+    @property
+    def max_input_images(self) -> int:
+        """Input images the model conditions on, from its ``model_index.json`` (no loading)."""
+        from pipelines.zoo import resolve_model
+        from trainers.families import input_images
+
+        return input_images(resolve_model(self.model))
+
+    @property
     def pipeline(self) -> Any:
         if self._pipe is None:
             raise RuntimeError("ImageGenerator.setup() has not been called")
@@ -157,13 +192,15 @@ class ImageGenerator:
     def generate(self, requests: list[GenerationRequest]) -> list["PIL.Image.Image"]:
         """One image per request, in order; processed in batches of ``batch_size``."""
         requests = list(requests)
-        if self.kind == "edit":
-            missing = [r.key for r in requests if r.source_image is None]
-            if missing:
-                raise ValueError(f"edit generation needs a source_image; missing for key(s): {', '.join(missing)}")
         if not requests:
             return []
         self.setup()
+        if self.kind == "edit" and (not self._native or self.family.needs_input_image):
+            # pipeline edit models need an image; the flow families' edit models also generate from text alone
+            missing = [r.key for r in requests if r.source_image is None and not r.reference_images]
+            if missing:
+                raise ValueError(f"edit generation needs a source_image or reference_images; missing for key(s): "
+                                 f"{', '.join(missing)}")
         from labelers.oom import map_batches_with_oom_backoff
 
         def run(batch: list[GenerationRequest]) -> list[PIL.Image.Image]:
@@ -192,6 +229,8 @@ class ImageGenerator:
     def _generate_batch(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
         import torch
 
+        if self._native:
+            return self._generate_native(batch)
         pipe = self.pipeline
         # Noise is drawn on the CPU from a CPU generator: identical initial latents on every device.
         generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in batch]
@@ -217,6 +256,32 @@ class ImageGenerator:
         if len(images) != len(batch):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(batch)} requests")
         return [im if im.size == (self.width, self.height) else im.resize((self.width, self.height)) for im in images]
+
+    def _generate_native(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
+        import torch
+
+        from trainers.common import tensor_to_pil
+
+        family, size = self.family, self.width
+        images = []
+        for r in batch:
+            given = list(r.reference_images) or ([r.source_image] if r.source_image is not None else [])
+            if len(given) > family.max_input_images:
+                raise ValueError(f"{r.key}: {len(given)} input images but {family.pipeline_class} ({self.model}) "
+                                 f"takes at most {family.max_input_images}")
+            images.append([self._prepare_source(im) for im in given])
+        images_arg = images if any(images) else None
+        with torch.inference_mode():
+            cond = family.encode([r.text for r in batch], images_arg, size)
+            uncond = None
+            if self.guidance_scale > 1.0:
+                uncond = family.encode([self.negative_prompt or ""] * len(batch), images_arg, size)
+            # noise drawn on the CPU per request from its seed, as the pipelines draw it
+            noise = family.initial_noise([torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in batch],
+                                         size).to(family.device, family.denoiser.dtype)
+            out = family.sample(cond, uncond, noise, self.steps, size, guidance=self.guidance_scale, eta=0.0)
+            pixels = family.latents_to_images(out["latents"][-1], size).float()
+        return tensor_to_pil(pixels)
 
     def _prepare_source(self, image: "PIL.Image.Image") -> "PIL.Image.Image":
         from PIL import Image

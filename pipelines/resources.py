@@ -72,7 +72,31 @@ class GeneratorResource(dg.ConfigurableResource):
         from pipelines.generation import ImageGenerator
 
         spec = self.generator_spec(task)
+        spec.pop("reference_grid", None)  # obsolete: a single-image edit model always gets the grid
+        if task == "multi_ref":
+            spec["reference_input"] = multi_ref_input(spec["model"])
+        cache_key = repr(sorted(spec.items()))
+        if cache_key not in self._generators:
+            self._generators[cache_key] = ImageGenerator(**spec)
+        return self._generators[cache_key]
+
+    def for_model(self, model: str):
+        """An ``ImageGenerator`` for ``model`` (e.g. the checkpoint the trainers fine-tuned, for the evals) with the
+        sampling settings of the task generator that uses it (the t2i generator's otherwise); it takes the input
+        images its pipeline class takes."""
+        from pipelines.generation import ImageGenerator
+        from pipelines.zoo import resolve_model
+        from trainers.families import input_images
+
+        spec = next((self.generator_spec(t) for t in ("multi_ref", "edit", "t2i")
+                     if self.generator_spec(t)["model"] == model), None) or {**self.generator_spec("t2i"),
+                                                                             "model": model}
         spec.pop("reference_grid", None)
+        n = input_images(resolve_model(model))
+        spec["kind"] = "edit" if n else "t2i"
+        spec["reference_input"] = "native" if n > 1 else ("grid" if n == 1 else None)
+        if n == 0:
+            spec.pop("image_guidance_scale", None)
         cache_key = repr(sorted(spec.items()))
         if cache_key not in self._generators:
             self._generators[cache_key] = ImageGenerator(**spec)
@@ -170,6 +194,20 @@ class ClipResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self._scorer = None
         self._preference = None
+
+
+def multi_ref_input(model: str) -> str:
+    """"native" for models that take several input images, "grid" for single-image edit models; a text-only model
+    cannot condition on references and is refused (never generated as text-to-image)."""
+    from pipelines.zoo import resolve_model
+    from trainers.families import input_images, pipeline_class_name
+
+    path = resolve_model(model)
+    n = input_images(path)
+    if n == 0:
+        raise ValueError(f"task 'multi_ref' needs a model that takes input images, but {model} "
+                         f"({pipeline_class_name(path)}) conditions on text only")
+    return "native" if n > 1 else "grid"
 
 
 def _init_params(cls) -> set[str]:

@@ -272,7 +272,7 @@ def lora_state_dict_diffusers(unet, adapter_name: str = TRAIN_ADAPTER) -> dict:
 
 
 def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER,
-              modules: dict[str, Any] | None = None) -> Path:
+              modules: dict[str, Any] | None = None, family: Any = None) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically (built in a sibling dir, then renamed).
 
     The peft ``LoraConfig`` goes into the safetensors metadata (diffusers' ``unet_lora_adapter_metadata``), so
@@ -286,14 +286,17 @@ def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTE
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    metadata = unet.peft_config[adapter_name].to_dict()
-    metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-    StableDiffusionPipeline.save_lora_weights(
-        tmp,
-        unet_lora_layers=lora_state_dict_diffusers(unet, adapter_name),
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
-    )
+    if family is not None:  # through the family's own pipeline class (transformer_lora_layers, ...)
+        family.save_lora(tmp, adapter_name)
+    else:
+        metadata = unet.peft_config[adapter_name].to_dict()
+        metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=lora_state_dict_diffusers(unet, adapter_name),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
     for name, module in (modules or {}).items():
         save_module(module, tmp, name)
     _replace_dir(tmp, out_dir)
@@ -316,8 +319,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict | None]:
-    """``(unet state dict in peft keys, LoraConfig dict or None)`` from a diffusers-format LoRA directory/file."""
+def read_lora(adapter_dir: str | os.PathLike, family: Any = None) -> tuple[dict, dict | None]:
+    """``(unet state dict in peft keys, LoraConfig dict or None)`` from a diffusers-format LoRA directory/file
+    (``family``: read the family's denoiser keys, e.g. ``transformer.``, instead of the UNet's)."""
+    if family is not None:
+        return family.read_lora(adapter_dir)
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import safe_open
@@ -340,9 +346,9 @@ def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict | None]:
     return unet_sd, config
 
 
-def adapter_rank_alpha(adapter_dir: str | os.PathLike) -> tuple[int, float, list[str] | None]:
+def adapter_rank_alpha(adapter_dir: str | os.PathLike, family: Any = None) -> tuple[int, float, list[str] | None]:
     """Rank, alpha and target modules of a saved adapter (alpha = rank when the file carries no metadata)."""
-    sd, cfg = read_lora(adapter_dir)
+    sd, cfg = read_lora(adapter_dir, family)
     rank = next(v.shape[0] for k, v in sd.items() if "lora_A" in k)
     if cfg:
         targets = cfg.get("target_modules")
@@ -350,11 +356,12 @@ def adapter_rank_alpha(adapter_dir: str | os.PathLike) -> tuple[int, float, list
     return int(rank), float(rank), None
 
 
-def load_lora_into(unet, adapter_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER) -> None:
+def load_lora_into(unet, adapter_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER,
+                   family: Any = None) -> None:
     """Copy a saved adapter's weights into the existing peft adapter ``adapter_name`` of ``unet`` (strict)."""
     from peft.utils import set_peft_model_state_dict
 
-    sd, _ = read_lora(adapter_dir)
+    sd, _ = read_lora(adapter_dir, family)
     result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and f".{adapter_name}." in k]
@@ -390,7 +397,7 @@ def load_module_into(module, directory: str | os.PathLike, name: str) -> None:
 
 
 def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,
-               target_modules: Sequence[str] = LORA_TARGET_MODULES) -> dict[str, Any]:
+               target_modules: Sequence[str] = LORA_TARGET_MODULES, family: Any = None) -> dict[str, Any]:
     """Add the trainable adapter; with ``init_adapter`` its rank/alpha/targets and weights come from that adapter and
     a frozen copy of it becomes the ``reference`` adapter (the reference model = the initial policy).
 
@@ -401,16 +408,16 @@ def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, s
     torch.manual_seed(seed)  # gaussian LoRA init is drawn from the global RNG
     reference = "base"
     if init_adapter:
-        r, a, targets = adapter_rank_alpha(init_adapter)
+        r, a, targets = adapter_rank_alpha(init_adapter, family)
         if (r, a) != (rank, alpha if alpha is not None else rank):
             log.info("init adapter %s has rank %s alpha %s: using them (config asked rank %s)",
                      init_adapter, r, a, rank)
         rank, alpha = r, a
         target_modules = targets or target_modules
         add_lora(unet, rank, alpha, target_modules, adapter_name=REFERENCE_ADAPTER)
-        load_lora_into(unet, init_adapter, REFERENCE_ADAPTER)
+        load_lora_into(unet, init_adapter, REFERENCE_ADAPTER, family)
         add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
-        load_lora_into(unet, init_adapter, TRAIN_ADAPTER)
+        load_lora_into(unet, init_adapter, TRAIN_ADAPTER, family)
         reference = "init_adapter"
     else:
         add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
@@ -453,6 +460,20 @@ def _train_only(unet) -> None:
 
 
 # ============================================================================================ encoding
+def condition_batch(family, texts: Sequence[str], metas: Sequence[dict[str, Any]], size: int):
+    """Encode a batch of corpus samples under ``family``: each sample's text plus the images its task conditions on
+    (``src.jpg`` for edits, ``ref_K.jpg`` for multi_ref, read from the sample's meta by ``trainers.data``).
+    A task the family cannot condition on raises :class:`trainers.families.UnsupportedTaskError`."""
+    from trainers.data import condition_images
+
+    images = []
+    for meta in metas:
+        task = str((meta or {}).get("task") or "t2i")
+        src, refs = condition_images(meta or {})
+        images.append(family.condition_images(task, src, refs, size))
+    return family.encode(list(texts), images if any(images) else None, size)
+
+
 def encode_prompts(pipe, texts: Sequence[str], device=None):
     """CLIP text embeddings ``(B, 77, D)`` as SD conditions on (last hidden state, padded to max length)."""
     import torch
@@ -611,11 +632,12 @@ class CheckpointManager:
     """
 
     def __init__(self, output_dir: str | os.PathLike, every: int, keep: int = 2,
-                 modules: dict[str, Any] | None = None):
+                 modules: dict[str, Any] | None = None, family: Any = None):
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.every = int(every)
         self.keep = int(keep)
         self.modules = dict(modules or {})  # name -> unwrapped nn.Module, saved and restored with the adapter
+        self.family = family  # the model family: adapters are saved in its pipeline's LoRA format
 
     def due(self, step: int, final_step: int) -> bool:
         return step == final_step or (self.every > 0 and step % self.every == 0)
@@ -641,7 +663,7 @@ class CheckpointManager:
         tmp = self.root / f".step-{step:08d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_lora(unet, tmp / "adapter", modules=self.modules)
+        save_lora(unet, tmp / "adapter", modules=self.modules, family=self.family)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         fingerprint, _ = config_fingerprint(config)
         state = {"step": int(step), "config_fingerprint": fingerprint, "config": config_to_dict(config),
@@ -665,7 +687,7 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint {ckpt_dir} was written with a different config (fields: {', '.join(diff)}); "
                 "use a new output_dir or set resume: false to start over")
-        load_lora_into(unet, ckpt_dir / "adapter", TRAIN_ADAPTER)
+        load_lora_into(unet, ckpt_dir / "adapter", TRAIN_ADAPTER, self.family)
         for name, module in self.modules.items():
             load_module_into(module, ckpt_dir / "adapter", name)
         opt_state = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -694,6 +716,7 @@ class TrainingSetup:
     lora: dict[str, Any]
     output_dir: Path
     modules: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra trainable modules (prepared)
+    family: Any = None  # the trainers.families.ModelFamily wrapping ``pipe`` (the denoiser is ``unet``)
 
     @property
     def device(self):
@@ -722,16 +745,21 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
     set_seed(cfg.seed)
     accelerator = make_accelerator(getattr(cfg, "mixed_precision", "no"), getattr(cfg, "device", None))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = load_pipeline(cfg.pretrained_model)
-    cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
-    pipe.vae.to(accelerator.device, **cast)
-    pipe.text_encoder.to(accelerator.device, **cast)
-    unet = pipe.unet
-    unet.to(accelerator.device)
+    from trainers.families import load_family
+
+    # the family comes from the checkpoint's model_index.json (sd, sdxl, sd3, flux, qwen_image)
+    family = load_family(cfg.pretrained_model)
+    for task in getattr(cfg, "tasks", None) or []:
+        family.check_task(task)  # refuse, naming task and family, before anything trains
+    pipe = family.pipe
+    family.to(accelerator.device, None if weight_dtype == torch.float32 else weight_dtype)
+    unet = family.denoiser  # the trained module: a UNet or a transformer (the name is historical)
     lora = setup_lora(unet, cfg.lora_rank, getattr(cfg, "lora_alpha", None), getattr(cfg, "init_adapter", None),
-                      cfg.seed)
+                      cfg.seed, target_modules=family.lora_target_modules, family=family)
+    lora["family"] = family.name
+    lora["pipeline_class"] = family.pipeline_class
     params = lora_parameters(unet)
-    extra_modules = dict((modules(pipe) if callable(modules) else modules) or {})
+    extra_modules = dict((modules(family) if callable(modules) else modules) or {})
     groups = [{"params": params}]
     for module in extra_modules.values():
         module.to(accelerator.device)
@@ -740,7 +768,7 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=getattr(cfg, "adam_weight_decay", 0.0))
 
     checkpoints = CheckpointManager(out, cfg.checkpoint_every, getattr(cfg, "keep_checkpoints", 2),
-                                    modules=extra_modules)
+                                    modules=extra_modules, family=family)
     start_step, extra = 0, {}
     if not getattr(cfg, "resume", True):
         checkpoints.clear()
@@ -750,12 +778,13 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
             state = checkpoints.load(latest[1], unet, optimizer, cfg)
             start_step, extra = int(state["step"]), dict(state.get("extra") or {})
     unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *extra_modules.values())
+    family.set_forward_module(unet)
     logger = MetricsLogger(out, resume_step=start_step, enabled=accelerator.is_main_process, loss_key=loss_key)
     if start_step:
         logger.info(f"resumed from {latest[1]} at step {start_step}")  # type: ignore[index]
     write_json(out / "config.json", config_to_dict(cfg))
     return TrainingSetup(cfg, accelerator, pipe, unet, optimizer, params, logger, checkpoints, start_step, extra,
-                         lora, out, dict(zip(extra_modules, prepared)))
+                         lora, out, dict(zip(extra_modules, prepared)), family)
 
 
 def unwrap(setup: TrainingSetup):
@@ -778,7 +807,7 @@ def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, An
     result: dict[str, Any] = {}
     if setup.accelerator.is_main_process:
         modules = {name: setup.accelerator.unwrap_model(m) for name, m in setup.modules.items()}
-        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter", modules=modules)
+        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter", modules=modules, family=setup.family)
         latest = setup.checkpoints.latest()
         result = {
             "steps": int(step),
@@ -788,6 +817,8 @@ def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, An
             "metrics_path": str(setup.logger.path),
             "final_metrics": {k: _finite(v) for k, v in final_metrics.items()},
             "lora": setup.lora,
+            "family": setup.family.name if setup.family is not None else None,
+            "pipeline_class": setup.family.pipeline_class if setup.family is not None else None,
             "pretrained_model_path": resolve_model_path(setup.config.pretrained_model),
             "resumed_from_step": int(setup.start_step),
             "config": config_to_dict(setup.config),

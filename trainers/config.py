@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class LoRATrainingConfig:
     """The base pipeline, the LoRA adapter, the optimizer, checkpoints and devices."""
 
-    pretrained_model: str = "zoo:t2i"  # diffusers StableDiffusionPipeline dir, or zoo:<name>
+    pretrained_model: str = "zoo:t2i"  # a diffusers pipeline dir of any family (trainers.families), or zoo:<name>
     output_dir: str = "runs/train"
     init_adapter: str | None = None  # a diffusers-format LoRA dir to start from (e.g. the SFT adapter)
     resolution: int = 64
@@ -26,3 +26,6 @@ class LoRATrainingConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
     device: str | None = None  # None: accelerate's choice; "cpu" forces CPU
     num_threads: int | None = None  # torch intra-op threads (None: torch default; 1 is fastest for tiny CPU runs)
+    # Tasks to train on (None: every task in the data). Samples of other tasks are skipped; a listed task the
+    # model family cannot condition on is refused at start (never trained as text-to-image).
+    tasks: list[str] | None = None

@@ -359,30 +359,56 @@ def parse_label(value: Any) -> float:
     return float(_text(value).strip())
 
 
+def condition_members(sample: dict[str, Any]) -> dict[str, Any]:
+    """The images an edit / multi_ref sample conditions on, as encoded bytes: ``{"_src": bytes | None,
+    "_refs": [bytes, ...]}`` (``src.jpg`` and ``ref_K.jpg`` in K order); decode with :func:`condition_images`."""
+    src = next((sample[k] for k in ("src.jpg", "src") if k in sample), None)
+    refs = []
+    for key in sample:
+        name = str(key)
+        if name.startswith("ref_") and name.split(".")[0][4:].isdigit():
+            refs.append((int(name.split(".")[0][4:]), bytes(sample[key])))
+    return {"_src": bytes(src) if src is not None else None, "_refs": [b for _, b in sorted(refs)]}
+
+
+def condition_images(meta: dict[str, Any]) -> tuple[Any, list]:
+    """``(source PIL or None, [reference PIL, ...])`` from a sample meta filled by :func:`condition_members`."""
+    src = meta.get("_src")
+    return (decode_image(src) if src else None), [decode_image(b) for b in meta.get("_refs") or []]
+
+
 def _sft_tuple(sample: dict[str, Any], decode: bool = True) -> tuple[Any, str, dict]:
-    """``(image, caption, meta)``; the image stays bytes when not ``decode``."""
+    """``(image, caption, meta)``; the image stays bytes when not ``decode``. ``meta`` (the sample's json) also
+    carries the conditioning images' bytes (``_src``, ``_refs``) of edit / multi_ref samples."""
     data = _get(sample, "jpg", "jpeg", "png", "webp")
     caption = _text(_get(sample, "txt", "caption.txt", "caption")).strip()
     meta = json.loads(_text(sample["json"])) if "json" in sample else {}
     if isinstance(meta, dict):
         meta.setdefault("__key__", sample.get("__key__"))
+        meta.update(condition_members(sample))
     return (decode_image(data) if decode else bytes(data)), caption, meta
 
 
 def _pair_tuple(sample: dict[str, Any], drop_ties: bool, decode: bool = True):
-    """``(img_0, img_1, caption, label_0, label_1)``, or None for a tie when ``drop_ties``; images stay bytes
-    when not ``decode``."""
+    """``(img_0, img_1, caption, label_0, label_1, meta)``, or None for a tie when ``drop_ties``; images stay bytes
+    when not ``decode``. ``meta``: the pair's json (``task``, ...) plus its conditioning images' bytes (``_src``,
+    ``_refs``)."""
     label_0 = parse_label(_get(sample, "label_0.txt", "label_0"))
     label_1 = parse_label(_get(sample, "label_1.txt", "label_1"))
     if drop_ties and label_0 == label_1:
         return None
     img_0, img_1 = _get(sample, "jpg_0.jpg", "jpg_0"), _get(sample, "jpg_1.jpg", "jpg_1")
+    meta = json.loads(_text(sample["json"])) if "json" in sample else {}
+    meta = meta if isinstance(meta, dict) else {}
+    meta.setdefault("__key__", sample.get("__key__"))
+    meta.update(condition_members(sample))
     return (
         decode_image(img_0) if decode else bytes(img_0),
         decode_image(img_1) if decode else bytes(img_1),
         _text(_get(sample, "caption.txt", "caption", "txt")).strip(),
         label_0,
         label_1,
+        meta,
     )
 
 
@@ -682,8 +708,9 @@ def collate_preference(batch: list[tuple[Any, Any, str, float, float]], resoluti
     """
     import torch
 
-    w_imgs, l_imgs, captions, label_w = [], [], [], []
-    for img_0, img_1, caption, label_0, label_1 in batch:
+    w_imgs, l_imgs, captions, label_w, metas = [], [], [], [], []
+    for img_0, img_1, caption, label_0, label_1, *rest in batch:
+        metas.append(rest[0] if rest else {})
         if label_1 > label_0:
             w_imgs.append(img_1)
             l_imgs.append(img_0)
@@ -698,6 +725,7 @@ def collate_preference(batch: list[tuple[Any, Any, str, float, float]], resoluti
         "pixels_l": images_to_tensor(l_imgs, resolution),
         "captions": captions,
         "label_w": torch.tensor(label_w, dtype=torch.float32),
+        "meta": metas,
     }
 
 

@@ -18,6 +18,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
+# DyRef's Difficulty-Aware Reweighting / reference-selection settings (see :func:`dar_weights`). Other modules keep
+# their own defaults; these are the values DyRef reports, for callers that want to run it as published.
+DYREF_DAR_W_MIN = 0.5
+DYREF_DAR_W_MAX = 5.0
+DYREF_DAR_GAMMA = 2.0
+DYREF_DRS_TAU = 0.65
+
 
 def _reduce_nonbatch(x: "torch.Tensor", reduce: str) -> "torch.Tensor":
     """Sum (or mean) over every dim but the first; a 1-D tensor is returned as is."""
@@ -95,14 +102,18 @@ def dar_weights(group_easiness, gamma: float = 2.0, w_min: float = 0.25, w_max: 
         w̃_g = clip((1 - p_g)^γ, w_min, w_max)
         w_g = w̃_g / mean_g(w̃_g)                          # renormalised to mean 1 over groups
 
-    ``1 - p_g`` is clamped at 0 first (a similarity above 1 counts as fully easy). Note that the renormalisation
-    can move a weight outside ``[w_min, w_max]``; the clip bounds the *ratio* between groups to ``w_max/w_min``.
+    As DyRef runs it, ``p_g`` is first clipped to ``[0, 1]``: a similarity above 1 counts as fully easy (``p = 1``)
+    and a negative one as fully hard (``p = 0``), so ``(1 - p_g)^γ ∈ [0, 1]`` for ``γ > 0`` (with ``w_max ≥ 1``,
+    as in DyRef's ``[0.5, 5]``, the upper clip then never binds). Note that the renormalisation can move a weight
+    outside ``[w_min, w_max]``; the clip bounds the *ratio* between groups to ``w_max/w_min``. DyRef's values are
+    the module constants ``DYREF_DAR_W_MIN``, ``DYREF_DAR_W_MAX`` and ``DYREF_DAR_GAMMA``.
     Returns ``(G,)`` weights; multiply each sample's policy loss by its group's weight.
     """
     import torch
 
     p = torch.as_tensor(group_easiness, dtype=torch.float32) if not torch.is_tensor(group_easiness) else group_easiness
-    w = (1.0 - p.float()).clamp_min(0.0).pow(gamma).clamp(w_min, w_max)
+    p = p.float().clamp(0.0, 1.0)
+    w = (1.0 - p).clamp_min(0.0).pow(gamma).clamp(w_min, w_max)
     return w / w.mean()
 
 
@@ -281,3 +292,236 @@ def noise_prediction_target(scheduler, latents, noise, timesteps) -> Any:
 def per_sample_mse(pred, target):
     """``mean over non-batch dims of (pred - target)²`` in float32, shape ``(B,)`` (Diffusion-DPO's errors)."""
     return _reduce_nonbatch((pred.float() - target.float()) ** 2, "mean")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow matching (rectified flow): SDE sampling with log-probabilities (Flow-GRPO / DanceGRPO / CPS) and training
+# ---------------------------------------------------------------------------------------------------------------
+# Convention (SD3 / FLUX / diffusers' FlowMatchEulerDiscreteScheduler): σ runs from 1 (pure noise) to 0 (data),
+#     x_σ = (1 - σ)·x_0 + σ·ε,      velocity v = dx_σ/dσ = ε - x_0 (what the transformer predicts),
+# and the deterministic Euler step from σ to σ_next < σ is x_next = x + (σ_next - σ)·v.
+
+FLOW_SDE_TYPES = ("flow_sde", "dance_sde", "cps", "ode")
+
+
+def _sigma_like(sigma, ref):
+    """``sigma`` (float, 0-d or ``(B,)`` tensor) as float32 on ``ref``'s device, broadcastable against ``ref``."""
+    import torch
+
+    if torch.is_tensor(sigma):
+        s = sigma.to(device=ref.device, dtype=torch.float32)
+    else:
+        s = torch.as_tensor(float(sigma), dtype=torch.float32, device=ref.device)
+    if s.ndim == 1:
+        s = s.view(-1, *([1] * (ref.ndim - 1)))
+    elif s.ndim > 1:
+        raise ValueError(f"sigma must be a float, a 0-d or a (B,) tensor, got shape {tuple(s.shape)}")
+    return s
+
+
+def flow_sde_mean_std(model_output, sigma, sigma_next, sample, eta: float, sde_type: str = "flow_sde",
+                      sigma_max: float = 0.9999):
+    """Mean and std of the Gaussian transition ``p(x_{σ_next} | x_σ)`` of a flow-matching sampler.
+
+    ``model_output`` is the predicted velocity ``v`` and ``sample`` the current ``x = x_σ``, both ``(B, ...)``;
+    ``sigma`` / ``sigma_next`` (``0 < σ ≤ 1``, ``σ_next < σ``) are floats or ``(B,)`` tensors. Everything is computed
+    in float32. With ``dt = σ_next - σ < 0``:
+
+    ``"flow_sde"`` (Flow-GRPO, Liu et al. 2025; the SDE with the ODE's marginals)::
+
+        σ_t  = η·√( σ / (1 - min(σ, sigma_max)) )
+        mean = x·(1 + σ_t²/(2σ)·dt) + v·(1 + σ_t²·(1-σ)/(2σ))·dt
+        std  = σ_t·√(-dt)
+
+      ``1 - σ`` vanishes at ``σ = 1``; Flow-GRPO substitutes the schedule's largest ``σ < 1`` (``sigmas[1]``) in
+      the denominator there. Here the denominator is ``1 - min(σ, sigma_max)`` with ``sigma_max = 0.9999`` by
+      default (finite but large noise at ``σ = 1``: ``σ_t = 100·η``); pass ``sigma_max=float(scheduler.sigmas[1])``
+      to reproduce Flow-GRPO exactly (every other σ of a decreasing schedule is ``≤ sigmas[1]``, so only the
+      ``σ = 1`` step is affected). The numerator and the mean always use the raw σ.
+
+    ``"dance_sde"`` (DanceGRPO; Dance-SDE with ``σ_t = η`` constant)::
+
+        x̂_0   = x - σ·v
+        score = -(x - (1-σ)·x̂_0) / σ²
+        mean  = x + dt·v + (-½·η²·score)·dt
+        std   = η·√(-dt)
+
+    ``"cps"`` (Coefficients-Preserving Sampling, Wang et al. 2025)::
+
+        std  = σ_next·sin(η·π/2)
+        x̂_0 = x - σ·v ,   x̂_1 = x + (1-σ)·v
+        mean = (1-σ_next)·x̂_0 + √(σ_next² - std²)·x̂_1          (√ = σ_next·cos(η·π/2), clamped at 0)
+
+    ``"ode"``: ``mean = x + dt·v`` (diffusers' Euler step), ``std = 0``.
+
+    ``η = 0`` gives the ODE mean and ``std = 0`` for every type. Returns ``(mean, std)``: ``mean`` ``(B, ...)``
+    float32 and ``std`` a float32 tensor broadcastable against it (0-d for float σ's, ``(B, 1, …)`` for
+    ``(B,)`` σ's).
+    """
+    import torch
+
+    v = model_output.float()
+    x = sample.float()
+    s = _sigma_like(sigma, x)
+    s_next = _sigma_like(sigma_next, x)
+    dt = s_next - s
+    neg_dt = (-dt).clamp_min(0.0)
+
+    if sde_type == "flow_sde":
+        std_t = eta * torch.sqrt(s / (1.0 - s.clamp_max(sigma_max)))
+        mean = x * (1.0 + std_t**2 / (2.0 * s) * dt) + v * (1.0 + std_t**2 * (1.0 - s) / (2.0 * s)) * dt
+        std = std_t * torch.sqrt(neg_dt)
+    elif sde_type == "dance_sde":
+        x0_hat = x - s * v
+        score = -(x - x0_hat * (1.0 - s)) / s**2
+        mean = x + dt * v + (-0.5 * eta**2 * score) * dt
+        std = eta * torch.sqrt(neg_dt)
+    elif sde_type == "cps":
+        std = s_next * math.sin(eta * math.pi / 2.0)
+        x0_hat = x - s * v
+        x1_hat = x + (1.0 - s) * v
+        mean = x0_hat * (1.0 - s_next) + x1_hat * torch.sqrt((s_next**2 - std**2).clamp_min(0.0))
+    elif sde_type == "ode":
+        mean = x + dt * v
+        std = torch.zeros_like(s)
+    else:
+        raise ValueError(f"sde_type must be one of {FLOW_SDE_TYPES}, got {sde_type!r}")
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    return mean, std
+
+
+def flow_sde_step_with_log_prob(
+    model_output,
+    sigma,
+    sigma_next,
+    sample,
+    eta: float,
+    sde_type: str = "flow_sde",
+    prev_sample=None,
+    generator=None,
+    reduce: str = "mean",
+    min_std: float = 1e-12,
+    sigma_max: float = 0.9999,
+):
+    """One stochastic flow-matching step ``x_σ → x_{σ_next}`` and its log-probability (Flow-GRPO style).
+
+    ``x_{σ_next} ~ N(mean, std²·I)`` with ``(mean, std)`` from :func:`flow_sde_mean_std`. When ``prev_sample`` is
+    ``None`` it is sampled as ``mean + std·z`` with ``z = torch.randn(shape, generator=generator)`` drawn on the
+    generator's device (CPU without one) and moved to the sample's device; otherwise the given ``prev_sample`` is
+    scored (the policy re-evaluating a recorded trajectory). ``log_prob`` is :func:`gaussian_log_prob` of the
+    detached ``prev_sample`` — the true Gaussian log-density with its constants, for every ``sde_type`` (Flow-GRPO's
+    CPS branch drops the constants; they cancel in PPO ratios only when σ is unchanged, so they are kept here) —
+    reduced over the non-batch dims with ``reduce`` (``"mean"``, Flow-GRPO's convention, or ``"sum"``). It is a
+    function of ``model_output`` so gradients flow to the model. Where ``std = 0`` (``"ode"``, ``η = 0``, or
+    ``"cps"`` at ``σ_next = 0``) the density is degenerate: std is floored at ``min_std`` so the value stays finite,
+    but such steps carry no useful policy gradient and trainers should not use them.
+
+    Returns ``(prev_sample, log_prob)``: float32 ``(B, ...)`` and ``(B,)``.
+    """
+    import torch
+
+    mean, std = flow_sde_mean_std(model_output, sigma, sigma_next, sample, eta, sde_type, sigma_max=sigma_max)
+    if prev_sample is None:
+        noise = torch.randn(
+            mean.shape, generator=generator, device="cpu" if generator is None else generator.device,
+            dtype=torch.float32,
+        ).to(mean.device)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.detach().float()
+    log_prob = gaussian_log_prob(prev_sample, mean, std.clamp_min(min_std), reduce=reduce)
+    return prev_sample, log_prob
+
+
+def flow_matching_time_shift(sigma, shift: float):
+    """SD3's resolution-dependent time shift ``σ' = shift·σ / (1 + (shift - 1)·σ)`` (identity for ``shift = 1``;
+    ``shift > 1`` moves mass towards noise). Monotone, maps ``[0, 1]`` onto itself."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def flow_matching_sigmas(batch: int, generator=None, weighting: str = "logit_normal", logit_mean: float = 0.0,
+                         logit_std: float = 1.0, shift: float = 1.0, device=None):
+    """Training noise levels ``σ`` for flow matching, shape ``(B,)`` float32, strictly inside ``(0, 1)``.
+
+    ``weighting="uniform"``: ``u ~ U[0, 1)``; ``"logit_normal"`` (SD3, Esser et al. 2024): ``u = sigmoid(n)``,
+    ``n ~ N(logit_mean, logit_std²)``. Then ``σ = flow_matching_time_shift(u, shift)``. Draws come from
+    ``generator`` on its device (CPU without one) and are moved to ``device`` (default: that same device). The
+    arithmetic is done in float64 and the result clamped to ``[1e-6, 1 - 1e-6]`` so that neither endpoint can occur
+    after rounding to float32 (``U[0,1)`` can return 0; a sigmoid of a large normal rounds to 1).
+    """
+    import torch
+
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    gen_device = "cpu" if generator is None else generator.device
+    if weighting == "uniform":
+        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float32).double()
+    elif weighting == "logit_normal":
+        n = torch.randn(batch, generator=generator, device=gen_device, dtype=torch.float32).double()
+        u = torch.sigmoid(logit_mean + logit_std * n)
+    else:
+        raise ValueError(f"weighting must be 'uniform' or 'logit_normal', got {weighting!r}")
+    sig = flow_matching_time_shift(u, float(shift)).clamp(1e-6, 1.0 - 1e-6).float()
+    return sig.to(device) if device is not None else sig
+
+
+def flow_matching_target(x0, noise):
+    """The flow-matching regression target, the velocity ``v = ε - x_0``."""
+    return noise - x0
+
+
+def flow_matching_noisy(x0, noise, sigma):
+    """``x_σ = (1 - σ)·x_0 + σ·ε`` with ``σ`` a float or ``(B,)`` tensor (cast to ``x0``'s dtype, broadcast)."""
+    import torch
+
+    if torch.is_tensor(sigma):
+        s = sigma.to(device=x0.device, dtype=x0.dtype)
+        if s.ndim == 1:
+            s = s.view(-1, *([1] * (x0.ndim - 1)))
+    else:
+        s = float(sigma)
+    return (1.0 - s) * x0 + s * noise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-reward advantages and velocity-space KL
+# ---------------------------------------------------------------------------------------------------------------
+def gdpo_advantages(rewards, group_ids, weights=None, eps: float = 1e-6, batch_normalize: bool = True):
+    """GDPO (group reward-decoupled normalisation) advantages for several rewards.
+
+    ``rewards`` maps a name to an ``(N,)`` tensor. Each reward is normalised within its group on its own
+    (:func:`group_advantages`), the results are combined, then standardised over the whole batch::
+
+        A_k = group_advantages(r_k, group_ids, eps)
+        a   = Σ_k w_k·A_k                                   (w_k = weights[k], default 1)
+        A   = (a - mean(a)) / (std(a) + eps)                (population std; only if batch_normalize)
+
+    Unlike :func:`group_advantages` of the summed reward, a reward with a large scale or spread cannot drown the
+    others, and two samples that each win on one reward get equal advantages. A key in ``weights`` that is not a
+    reward raises ``KeyError`` (catches typos). Returns ``(N,)`` float32.
+    """
+    import torch
+
+    if not rewards:
+        raise ValueError("gdpo_advantages needs at least one reward")
+    weights = dict(weights or {})
+    unknown = set(weights) - set(rewards)
+    if unknown:
+        raise KeyError(f"weights for unknown rewards: {sorted(unknown)}")
+    combined = None
+    for name, r in rewards.items():
+        r = torch.as_tensor(r, dtype=torch.float32) if not torch.is_tensor(r) else r.float()
+        a = group_advantages(r, group_ids, eps=eps).to(torch.float64) * float(weights.get(name, 1.0))
+        combined = a if combined is None else combined + a
+    if batch_normalize:
+        combined = (combined - combined.mean()) / (combined.std(unbiased=False) + eps)
+    return combined.float()
+
+
+def kl_velocity(v_new, v_ref, reduce: str = "mean"):
+    """KL to the reference in velocity space, as Flow-GRPO logs it: ``‖v_θ - v_ref‖²`` per sample, averaged
+    (``reduce="mean"``) or summed over the non-batch dims, in float32. Returns ``(B,)``.
+
+    For ``flow_sde`` steps with a shared σ this is proportional to :func:`kl_to_reference` of the step means (the
+    means differ by a σ-dependent multiple of the velocities); :func:`kl_to_reference` stays the latent-space KL.
+    """
+    return _reduce_nonbatch((v_new.float() - v_ref.float()) ** 2, reduce)

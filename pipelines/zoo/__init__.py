@@ -24,10 +24,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"
 ZOO_PREFIX = "zoo:"
 MARKER = ".complete"
-ZOO_COMPONENTS = ("t2i", "edit", "judge", "clip")
+ZOO_COMPONENTS = ("t2i", "edit", "judge", "clip", "sdxl", "sd3", "flux", "flux_kontext", "qwen_image",
+                  "qwen_image_edit")
 
 # name -> "module:function"; builders take the (existing, empty) output directory.
 _BUILDERS: dict[str, str] = {
@@ -35,6 +36,12 @@ _BUILDERS: dict[str, str] = {
     "edit": "pipelines.zoo.diffusion:build_edit",
     "judge": "pipelines.zoo.judge:build_judge",
     "clip": "pipelines.zoo.clip:build_clip",
+    "sdxl": "pipelines.zoo.families:build_sdxl",
+    "sd3": "pipelines.zoo.families:build_sd3",
+    "flux": "pipelines.zoo.families:build_flux",
+    "flux_kontext": "pipelines.zoo.families:build_flux_kontext",
+    "qwen_image": "pipelines.zoo.families:build_qwen_image",
+    "qwen_image_edit": "pipelines.zoo.families:build_qwen_image_edit",
 }
 
 

@@ -144,7 +144,7 @@ def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, co
     version = (root / "latest").read_text().strip()
     version_dir = root / version
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == 3 and manifest["inputs"] == ["e2e"] and "drops" in manifest
+    assert manifest["schema_version"] == 4 and manifest["inputs"] == ["e2e"] and "drops" in manifest
     assert manifest["segments"]["e2e"]["num_samples"] == manifest["num_samples"]
     shards = sorted((version_dir / "shards").glob("*.tar"))
     assert [f"shards/{s.name}" for s in shards] == [s["path"] for s in manifest["shards"]]

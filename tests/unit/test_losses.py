@@ -89,16 +89,17 @@ def test_dar_weights_hand_computed():
 
 
 def test_dar_weights_clip_bounds_and_mean_one():
-    # p = (-2, 0.5): (1-p)^2 = (9, 0.25) -> clip -> (4, 0.25); mean 2.125 -> (1.8823529, 0.1176471)
+    # p = (-2, 0.5): p is clipped to [0, 1] first -> (0, 0.5); (1-p)^2 = (1, 0.25) -> clip [0.25, 4] -> (1, 0.25)
+    # mean 0.625 -> (1.6, 0.4). (Before p was clipped, p = -2 gave (1-p)^2 = 9 -> 4 and (1.8823529, 0.1176471).)
     w = L.dar_weights(t(-2.0, 0.5), gamma=2.0, w_min=0.25, w_max=4.0)
-    assert w.tolist() == pytest.approx([1.8823529, 0.1176471], abs=1e-6)
+    assert w.tolist() == pytest.approx([1.6, 0.4], abs=1e-6)
     # The bounds survive renormalisation as a ratio: max/min <= w_max/w_min.
     g = torch.Generator().manual_seed(1)
     p = torch.rand(64, generator=g) * 3 - 1.5
     w = L.dar_weights(p, gamma=2.0, w_min=0.25, w_max=4.0)
     assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert (w.max() / w.min()).item() <= 16.0 + 1e-4
-    raw = (1 - p).clamp_min(0).pow(2)
+    raw = (1 - p.clamp(0, 1)).pow(2)
     # groups with identical clipped raw weight get identical final weight; harder groups never weigh less
     order = torch.argsort(p)
     assert torch.all(w[order][1:] <= w[order][:-1] + 1e-6)

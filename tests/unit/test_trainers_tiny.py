@@ -270,7 +270,13 @@ def test_grpo_trains_selects_best_and_resumes(tiny_model, tiny_clip, prompt_pool
     cfg = GRPOConfig(pretrained_model=tiny_model, prompt_pool=prompt_pool, clip_model=tiny_clip,
                      output_dir=str(out), resolution=32, group_size=3, prompts_per_step=2, num_steps=2,
                      sample_steps=3, heldout_every=2, heldout_prompts=2, heldout_images_per_prompt=1,
-                     checkpoint_every=1, learning_rate=1e-3, kl_coef=0.1, lambdas={"t2i": 0.0, "multi_ref": 0.5})
+                     checkpoint_every=1, learning_rate=1e-3, kl_coef=0.1, lambdas={"t2i": 0.0, "multi_ref": 0.5},
+                     tasks=["t2i"])
+    # the pool also holds multi_ref prompts, which a text-only SD model cannot condition on: refused, by name
+    from trainers.families import UnsupportedTaskError
+
+    with pytest.raises(UnsupportedTaskError, match="multi_ref.*'sd'"):
+        train(GRPOConfig(**{**cfg.__dict__, "tasks": None, "output_dir": str(tmp_path / "refused")}))
     result = train(cfg)
     recs = _metrics(out)
     assert [r["step"] for r in recs] == [1, 2]

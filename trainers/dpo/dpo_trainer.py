@@ -1,7 +1,9 @@
 """Diffusion-DPO trainer (Wallace et al., 2023) with a LoRA policy.
 
 Per pair ``(x_w, x_l, c)``: the same noise ``ε`` and timestep ``t`` are used for both images; the per-sample
-errors ``‖ε - ε_θ(x_t, t, c)‖²`` of the policy (LoRA on) and the frozen reference (LoRA off, or the frozen init
+errors of the model family's prediction (``‖ε - ε_θ(x_t, t, c)‖²`` for the UNet families, the velocity error
+``‖(ε - x0) - v_θ(x_σ, σ, c)‖²`` for flow matching, as flow_grpo's SD3 DPO script does; ``c`` includes an edit /
+multi_ref pair's source / reference images) of the policy (LoRA on) and the frozen reference (LoRA off, or the frozen init
 adapter) enter :func:`trainers.losses.diffusion_dpo_loss`. Logs ``loss``, ``implicit_acc`` and ``margin`` per step,
 and the implicit rewards of the preferred and the dispreferred images, ``reward_w`` / ``reward_l`` =
 ``mean(-½·β·(err_θ - err_ref))`` (``margin = reward_w - reward_l``): both falling while the margin grows means the
@@ -19,29 +21,30 @@ from trainers.dpo.dpo_config import DPOConfig
 def train(config: DPOConfig | dict | str) -> dict[str, Any]:
     """Train, checkpoint, and write ``adapter/``, ``metrics.jsonl``, ``result.json`` into ``output_dir``."""
     import torch
-    from diffusers import DDPMScheduler
-
     from trainers import common
     from trainers.data import collate_preference, preference_stream
-    from trainers.losses import diffusion_dpo_loss, noise_prediction_target, per_sample_mse
+    from trainers.losses import diffusion_dpo_loss, per_sample_mse
 
     cfg = common.coerce_config(DPOConfig, config)
     if not cfg.corpus_dir:
         raise ValueError("DPOConfig.corpus_dir is required")
     s = common.prepare_training(cfg)
-    acc, pipe, unet, opt = s.accelerator, s.pipe, s.unet, s.optimizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_train_t = noise_scheduler.config.num_train_timesteps
+    acc, unet, opt, family = s.accelerator, s.unet, s.optimizer, s.family
+    family._train_size = cfg.resolution
 
     raw_consumed = int(s.extra.get("raw_samples_consumed", 0))
     stream = preference_stream(cfg.corpus_dir, cfg.seed if cfg.shuffle else None, start_raw=raw_consumed,
                                drop_ties=cfg.drop_ties, rank=acc.process_index, world_size=acc.num_processes)
 
+    tasks = set(cfg.tasks) if cfg.tasks else None
+
     def next_batch() -> dict[str, Any]:
         nonlocal raw_consumed
         items = []
-        for _ in range(cfg.batch_size):
+        while len(items) < cfg.batch_size:
             raw_consumed, pair = next(stream)
+            if tasks is not None and str(pair[-1].get("task") or "t2i") not in tasks:
+                continue  # a task this run does not train (cfg.tasks)
             items.append(pair)
         return collate_preference(items, cfg.resolution)
 
@@ -56,19 +59,20 @@ def train(config: DPOConfig | dict | str) -> dict[str, Any]:
                 "ref_diff": 0.0}
         for _micro in range(cfg.gradient_accumulation_steps):
             batch = next_batch()
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            latents = common.images_to_latents(pipe.vae, pixels, generator=gen, sample=cfg.sample_latents).float()
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(acc.device)
+            latents = family.images_to_latents(pixels, generator=gen, sample=cfg.sample_latents).float()
             half = latents.shape[0] // 2
-            noise = torch.randn((half, *latents.shape[1:]), generator=gen).to(acc.device).repeat(2, 1, 1, 1)
-            timesteps = torch.randint(0, num_train_t, (half,), generator=gen).to(acc.device).repeat(2)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            emb = common.encode_prompts(pipe, batch["captions"], acc.device).repeat(2, 1, 1)
-            target = noise_prediction_target(noise_scheduler, latents, noise, timesteps)
+            # the same noise and timestep for the preferred and the dispreferred image
+            noise = torch.randn((half, *latents.shape[1:]), generator=gen).to(acc.device)
+            noise = noise.repeat(2, *([1] * (latents.ndim - 1)))
+            timesteps = family.draw_training_time(half, gen).to(acc.device).repeat(2)
+            noisy, timesteps, target = family.training_sample(latents, gen, noise=noise, t=timesteps)
+            cond = common.condition_batch(family, batch["captions"], batch["meta"], cfg.resolution).repeat(2)
             with acc.autocast():
-                pred = unet(noisy, timesteps, emb).sample
+                pred = family.predict(noisy, timesteps, cond)
             model_err = per_sample_mse(pred, target)
             with torch.no_grad(), common.reference_mode(common.unwrap(s)), acc.autocast():
-                ref_err = per_sample_mse(unet(noisy, timesteps, emb).sample, target)
+                ref_err = per_sample_mse(family.predict(noisy, timesteps, cond), target)
             loss, implicit_acc, margin = diffusion_dpo_loss(model_err[:half], model_err[half:], ref_err[:half],
                                                             ref_err[half:], cfg.beta)
             acc.backward(loss / cfg.gradient_accumulation_steps)

@@ -22,18 +22,30 @@ class GRPOConfig(LoRATrainingConfig):
     clip_backend: str = "open_clip"
     clip_batch_size: int = 32
     output_dir: str = "runs/grpo"
-    tasks: list[str] | None = None  # restrict the pool to these tasks (None: all)
     # sampling (the policy)
     group_size: int = 4  # G images per prompt
     prompts_per_step: int = 2
     num_steps: int = 4  # optimizer steps (each: sample, score, update)
-    sample_steps: int = 6  # DDIM steps per trajectory
-    eta: float = 1.0  # DDIM stochasticity (> 0 needed for a log-probability)
+    sample_steps: int = 6  # sampler steps per trajectory
+    eta: float = 1.0  # sampler stochasticity (> 0 needed for a log-probability): DDIM η, or the flow SDE's noise level
+    # The stochastic step: None picks the family's first ("ddim" for sd/sdxl, "flow_sde" for flow matching);
+    # flow families also take "dance_sde" (σ_t = η), "cps" (coefficients-preserving) and "ode" (not for training).
+    sde_type: str | None = None
+    # SDE window (MixGRPO / TempFlow-GRPO): > 0 makes only this many consecutive sampler steps stochastic (and
+    # trained), with ODE steps elsewhere; the window's start is drawn per step within sde_window_range [lo, hi].
+    sde_window_size: int = 0
+    sde_window_range: list[int] | None = None
     guidance_scale: float = 1.0  # classifier-free guidance during sampling and training (1 = off)
     # policy update
     clip_range: float = 1e-2  # PPO ratio clip ε
     adv_clip_max: float = 5.0
-    kl_coef: float = 0.01  # weight of the per-step KL to the reference policy's Gaussian
+    kl_coef: float = 0.01  # weight of the per-step KL to the reference policy
+    kl_type: str = "latent"  # "latent": KL between the step Gaussians; "velocity": mean squared prediction gap
+    # Advantages: "grpo" (the aggregate reward normalised per group) or "gdpo" (each reward in gdpo_rewards
+    # normalised per group, then combined with gdpo_weights and standardised over the batch)
+    advantage: str = "grpo"
+    gdpo_rewards: list[str] = field(default_factory=lambda: ["clip_t", "clip_i_reward"])
+    gdpo_weights: dict[str, float] = field(default_factory=dict)
     log_prob_reduce: str = "mean"  # "mean" (DDPO/Flow-GRPO: per-dim average) or "sum" (true log-density)
     train_timestep_fraction: float = 1.0  # fraction of the recorded DDIM steps trained on per update
     num_inner_epochs: int = 1  # passes over each collected batch (>1 makes the PPO clip matter)
@@ -44,11 +56,11 @@ class GRPOConfig(LoRATrainingConfig):
     use_drs: bool = True  # DyRef DRS: sharpen per-reference sims σ(k(s-τ)), k = k0 + k1(n_refs-2)
     drs_k0: float = 10.0
     drs_k1: float = 3.0
-    drs_tau: float = 0.68
+    drs_tau: float = 0.65  # DyRef's released code
     use_dar: bool = True  # DyRef DAR: per-group focal weight clip((1-p_g)^γ) renormalised to mean 1
     dar_gamma: float = 2.0
-    dar_w_min: float = 0.25
-    dar_w_max: float = 4.0
+    dar_w_min: float = 0.5  # DyRef: weights clipped to [0.5, 5], easiness p clipped to [0, 1]
+    dar_w_max: float = 5.0
     # model selection on held-out prompts (RPO): keep the adapter with the best mean λ-Harmonic
     heldout_every: int = 2
     heldout_prompts: int = 4

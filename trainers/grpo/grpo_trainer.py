@@ -1,22 +1,27 @@
-"""Online GRPO for a diffusion policy (DDPO / Flow-GRPO style) with DyRef's DRS and DAR and RPO's model selection.
+"""Online GRPO for any model family (DDPO / Flow-GRPO / DanceGRPO style) with DyRef's DRS, DAR and GDPO, and RPO's
+model selection.
 
 Each step:
 
 1. pick ``prompts_per_step`` train prompts from the pool; sample ``group_size`` trajectories per prompt with the
-   stochastic DDIM step (:func:`trainers.losses.ddim_step_with_log_prob`, ``eta > 0``), recording every latent and
-   the log-probability of every transition under the current policy;
+   family's stochastic sampler (:mod:`trainers.families`): DDIM-η for the UNet families; Flow-SDE
+   (σ_t = η·√(σ/(1-σ)), Flow-GRPO), Dance-SDE (σ_t = η, DanceGRPO) or CPS for flow matching — optionally only
+   inside a window of ``sde_window_size`` steps with ODE steps elsewhere (MixGRPO / TempFlow-GRPO) — recording every
+   latent and the exact log-probability of every stochastic transition. The policy is conditioned on the prompt's
+   text *and* its source / reference images (as DyRef's is), with classifier-free guidance when
+   ``guidance_scale > 1``, under the training autocast;
 2. decode and score with :class:`labelers.clip_scorer.ClipScorer`: CLIP_T and per-reference CLIP_I; per-reference
    sims are DRS-sharpened (``use_drs``, using ``n_refs``) then averaged; reward = λ-Harmonic(CLIP_I, CLIP_T, λ_task)
    (t2i: no references, reward = CLIP_T);
-3. advantages = group-normalised rewards; DAR weight per group from its easiness ``p_g`` = the group's mean *raw*
-   similarity (mean un-sharpened per-reference CLIP_I; CLIP_T for prompts without references);
-4. PPO clipped loss over the recorded timesteps (re-evaluating each recorded transition's log-prob with gradients),
-   weighted per sample by DAR, plus ``kl_coef`` × KL between the policy's and the reference's step Gaussians
-   (reference = the UNet with the LoRA off, or the frozen ``init_adapter`` when RL starts from SFT);
-5. every ``heldout_every`` steps (and at the end): deterministic DDIM images for held-out pool prompts, mean
+3. advantages: group-normalised aggregate reward (``advantage: grpo``) or GDPO (``advantage: gdpo``: each reward
+   in ``gdpo_rewards`` normalised within its group, then combined and batch-standardised); DAR weight per group
+   from its easiness ``p_g`` (clipped to [0, 1]) = the group's mean *raw* similarity;
+4. PPO clipped loss over the recorded stochastic transitions (re-evaluating each one's log-prob with gradients,
+   with the same guidance as sampling), weighted per sample by DAR, plus ``kl_coef`` × KL to the reference in latent
+   space (between the step Gaussians) or velocity space (``kl_type``); reference = the denoiser with the LoRA off,
+   or the frozen ``init_adapter`` when RL starts from SFT (DyRef's two stages);
+5. every ``heldout_every`` steps (and at the end): deterministic (ODE / DDIM) images for held-out pool prompts, mean
    un-sharpened λ-Harmonic; the best adapter so far is kept in ``best_adapter/`` (RPO's model selection).
-
-The policy is conditioned on text only (a ``StableDiffusionPipeline``); references enter through the reward.
 """
 
 from __future__ import annotations
@@ -57,10 +62,11 @@ def sample_rewards(clip_t: float, per_ref: Sequence[float], task: str, cfg: GRPO
         lh = float(lambda_harmonic(clip_i_raw, clip_t, lam))
         raw_sim = clip_i_raw
     else:
-        clip_i_raw = math.nan
+        clip_i_raw = clip_i_reward = math.nan
         reward = lh = float(lambda_harmonic(None, clip_t, lam))
         raw_sim = float(clip_t)
-    return {"reward": reward, "lambda_harmonic": lh, "raw_sim": raw_sim, "clip_t": float(clip_t), "clip_i": clip_i_raw}
+    return {"reward": reward, "lambda_harmonic": lh, "raw_sim": raw_sim, "clip_t": float(clip_t), "clip_i": clip_i_raw,
+            "clip_i_reward": clip_i_reward}
 
 
 class ClipReward:
@@ -102,38 +108,56 @@ class ClipReward:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def _predict(unet, x, t, emb, uncond, guidance: float):
-    """Noise prediction, with classifier-free guidance when ``guidance > 1``."""
+def sde_window(cfg: GRPOConfig, step: int) -> list[int] | None:
+    """The sampler steps that are stochastic (and trained) at optimizer step ``step``: all of them, or a window of
+    ``sde_window_size`` consecutive steps whose start is drawn per step (MixGRPO / TempFlow-GRPO: SDE inside the
+    window, ODE elsewhere, so only 1-2 denoiser passes per trajectory need gradients)."""
+    size = int(cfg.sde_window_size or 0)
+    if size <= 0 or size >= cfg.sample_steps:
+        return None
+    lo, hi = cfg.sde_window_range if cfg.sde_window_range else (0, cfg.sample_steps - size)
+    hi = min(int(hi), cfg.sample_steps - size)
+    start = random.Random(f"{cfg.seed}:window:{step}").randint(int(lo), max(int(lo), hi))
+    return list(range(start, start + size))
+
+
+def transition_log_prob(family, schedule, j: int, x_t, x_next, cond, uncond, guidance: float, eta: float,
+                        sde_type: str, reduce: str = "mean"):
+    """Log-probability (with gradients) of the recorded transition ``x_t -> x_next`` at sampler step ``j`` under
+    the current policy, with the same guidance as sampling: ``(log_prob (B,), prediction, mean, std)``."""
+    from trainers.losses import gaussian_log_prob
+
+    pred = family.guided_predict(x_t, schedule.timesteps[j], cond, uncond, guidance)
+    mean, std = family.step_mean_std(pred, schedule, j, x_t, eta, sde_type)
+    std_safe = std.clamp_min(1e-12) if hasattr(std, "clamp_min") else max(float(std), 1e-12)
+    return gaussian_log_prob(x_next.float(), mean, std_safe, reduce=reduce), pred, mean, std
+
+
+def combined_advantages(r: dict[str, list[float]], group_ids, cfg: GRPOConfig):
+    """GRPO: the aggregate reward normalised within its group. GDPO: each reward in ``gdpo_rewards`` normalised
+    within its group first (a missing value, e.g. CLIP_I of a prompt without references, counts as the group's
+    mean), then combined with ``gdpo_weights`` and standardised over the batch."""
     import torch
 
-    if guidance > 1.0 and uncond is not None:
-        out = unet(torch.cat([x, x]), t, torch.cat([uncond.expand_as(emb), emb])).sample
-        u, c = out.chunk(2)
-        return u + guidance * (c - u)
-    return unet(x, t, emb).sample
+    from trainers.losses import gdpo_advantages, group_advantages
 
-
-def sample_trajectories(unet, scheduler, emb, uncond, x_T, cfg: GRPOConfig, generator, eta: float):
-    """Run the stochastic DDIM sampler.
-
-    Returns ``(latents (K+1, B, ...), log_probs (K, B), timesteps (K,), stds (list of K floats))``.
-    """
-    import torch
-
-    from trainers.losses import ddim_mean_std, ddim_step_with_log_prob
-
-    latents, logps, stds = [x_T], [], []
-    x = x_T
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = _predict(unet, scheduler.scale_model_input(x, t), t, emb, uncond, cfg.guidance_scale)
-            _, std = ddim_mean_std(scheduler, out, t, x, eta)
-            x, lp = ddim_step_with_log_prob(scheduler, out, t, x, eta, generator=generator,
-                                            reduce=cfg.log_prob_reduce)
-            latents.append(x)
-            logps.append(lp)
-            stds.append(float(std))
-    return torch.stack(latents), torch.stack(logps), scheduler.timesteps.clone(), stds
+    if cfg.advantage == "grpo":
+        return group_advantages(torch.tensor(r["reward"], dtype=torch.float32), group_ids)
+    if cfg.advantage != "gdpo":
+        raise ValueError(f"advantage must be 'grpo' or 'gdpo', got {cfg.advantage!r}")
+    parts = {}
+    for name in cfg.gdpo_rewards:
+        if name not in r:
+            raise ValueError(f"gdpo_rewards names {name!r}, which the reward does not return (it has {sorted(r)})")
+        values = torch.tensor(r[name], dtype=torch.float32)
+        if torch.isnan(values).all():
+            continue
+        means = {int(g): float(values[(group_ids == g) & ~torch.isnan(values)].nan_to_num().mean())
+                 if (~torch.isnan(values[group_ids == g])).any() else 0.0 for g in torch.unique(group_ids)}
+        fill = torch.tensor([means[int(g)] for g in group_ids])
+        parts[name] = torch.where(torch.isnan(values), fill, values)
+    weights = {k: float(cfg.gdpo_weights.get(k, 1.0)) for k in parts}
+    return gdpo_advantages(parts, group_ids, weights=weights)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -145,24 +169,18 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
     """
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler
 
     from trainers import common
     from trainers.data import load_prompt_pool
-    from trainers.losses import (
-        dar_weights,
-        ddim_mean_std,
-        gaussian_log_prob,
-        group_advantages,
-        kl_to_reference,
-        ppo_clipped_loss,
-    )
+    from trainers.losses import dar_weights, kl_to_reference, kl_velocity, ppo_clipped_loss
 
     cfg = common.coerce_config(GRPOConfig, config)
     if not cfg.prompt_pool:
         raise ValueError("GRPOConfig.prompt_pool is required")
     if cfg.eta <= 0:
         raise ValueError("GRPO needs a stochastic sampler: eta > 0")
+    if cfg.kl_type not in ("latent", "velocity"):
+        raise ValueError(f"kl_type must be 'latent' or 'velocity', got {cfg.kl_type!r}")
     pool = load_prompt_pool(cfg.prompt_pool)
     if cfg.tasks:
         pool = [r for r in pool if r.get("task") in set(cfg.tasks)]
@@ -172,27 +190,52 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
         raise ValueError(f"no train prompts in {cfg.prompt_pool} (tasks={cfg.tasks})")
 
     s = common.prepare_training(cfg)
-    acc, pipe, unet, opt = s.accelerator, s.pipe, s.unet, s.optimizer
+    acc, unet, opt, family = s.accelerator, s.unet, s.optimizer, s.family
     base = common.unwrap(s)
     device = acc.device
+    family._train_size = cfg.resolution
+    sde_type = cfg.sde_type or family.sde_types[0]
+    family.check_sde_type(sde_type)
+    for task in sorted({str(r.get("task", "t2i")) for r in train_rows + heldout_rows}):
+        family.check_task(task)  # refuse (naming task and family) before any sampling
     if reward_fn is None:
         reward_fn = ClipReward(cfg, device=str(device)).setup()
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(cfg.sample_steps, device=device)
-    latent_hw = cfg.resolution // pipe.vae_scale_factor
-    latent_shape = (base.config.in_channels, latent_hw, latent_hw)
-    uncond = common.encode_prompts(pipe, [""], device) if cfg.guidance_scale > 1.0 else None
+    size = cfg.resolution
     best = {"score": s.extra.get("best_heldout"), "step": s.extra.get("best_step")}
     if not heldout_rows:
         s.logger.info("prompt pool has no heldout prompts: model selection is off, best_adapter = final adapter")
+    image_cache: dict[str, Any] = {}
 
-    def generate_images(rows: list[dict], seed_gen, eta: float):
-        emb = common.encode_prompts(pipe, [r["text"] for r in rows], device)
-        x_T = torch.randn((len(rows), *latent_shape), generator=seed_gen).to(device)
-        traj, logps, ts, stds = sample_trajectories(unet, scheduler, emb, uncond, x_T, cfg, seed_gen, eta)
-        with torch.no_grad():
-            images = common.tensor_to_pil(common.latents_to_images(pipe.vae, traj[-1]))
-        return emb, traj, logps, ts, stds, images
+    def open_image(path):
+        from PIL import Image
+
+        if path not in image_cache:
+            with Image.open(path) as im:
+                image_cache[path] = im.convert("RGB")
+        return image_cache[path]
+
+    def encode_rows(rows: list[dict]):
+        """The policy's conditions: text plus each row's source / reference images (DyRef conditions the policy
+        on its references), and the unconditional branch (empty text, same images) for guidance."""
+        images = []
+        for r in rows:
+            src = open_image(r["source_image"]) if r.get("source_image") else None
+            refs = [open_image(p) for p in r.get("reference_images") or []]
+            images.append(family.condition_images(str(r.get("task", "t2i")), src, refs, size))
+        images_arg = images if any(images) else None
+        cond = family.encode([r["text"] for r in rows], images_arg, size)
+        uncond = family.encode([""] * len(rows), images_arg, size) if cfg.guidance_scale > 1.0 else None
+        return cond, uncond
+
+    def generate_images(rows: list[dict], seed_gen, eta: float, window=None):
+        cond, uncond = encode_rows(rows)
+        x_T = family.initial_noise(seed_gen, size, batch=len(rows))
+        with acc.autocast():  # sampling runs under the training autocast (bf16/fp16 weights and activations)
+            out = family.sample(cond, uncond, x_T, cfg.sample_steps, size, guidance=cfg.guidance_scale, eta=eta,
+                                sde_type=sde_type, generator=seed_gen, reduce=cfg.log_prob_reduce, sde_steps=window)
+            with torch.no_grad():
+                images = common.tensor_to_pil(family.latents_to_images(out["latents"][-1], size).float())
+        return cond, uncond, out, images
 
     def heldout_score() -> dict[str, float]:
         rows = [r for r in heldout_rows for _ in range(cfg.heldout_images_per_prompt)]
@@ -216,17 +259,19 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
                   else [rng.choice(train_rows) for _ in range(n_prompts)])
         rows = [r for r in chosen for _ in range(cfg.group_size)]
         group_ids = torch.arange(n_prompts).repeat_interleave(cfg.group_size)
+        window = sde_window(cfg, step)
 
         # 1. sample with the current policy (eval mode, no grad), recording the trajectory
         unet.eval()
-        emb, traj, logp_old, timesteps, stds, images = generate_images(rows, gen, cfg.eta)
+        cond, uncond, out, images = generate_images(rows, gen, cfg.eta, window)
+        traj, logp_old, stds, sched = out["latents"], out["log_probs"], out["stds"], out["schedule"]
         unet.train()
         t_sample = time.perf_counter()
 
-        # 2-3. rewards, advantages, DAR
+        # 2-3. rewards, advantages (GRPO or GDPO), DAR
         r = reward_fn(images, rows)
         rewards = torch.tensor(r["reward"], dtype=torch.float32)
-        adv = group_advantages(rewards, group_ids).clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
+        adv = combined_advantages(r, group_ids, cfg).clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
         raw = torch.tensor(r["raw_sim"], dtype=torch.float32)
         easiness = torch.zeros(n_prompts).index_add_(0, group_ids, raw) / cfg.group_size
         dar = dar_weights(easiness, cfg.dar_gamma, cfg.dar_w_min, cfg.dar_w_max) if cfg.use_dar \
@@ -234,37 +279,44 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
         sample_w = dar[group_ids].to(device)
         t_reward = time.perf_counter()
 
-        # 4. policy update over the recorded transitions
+        # 4. policy update over the recorded stochastic transitions
         trainable = [j for j, sd in enumerate(stds) if sd > 1e-8]
         n_train_t = max(1, round(len(trainable) * cfg.train_timestep_fraction))
         B = len(rows)
         stats = {"ppo_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0}
+        first_ratio_err = None
         n_terms = 0
         grad_norm = None
         for _epoch in range(cfg.num_inner_epochs):
             perm = torch.randperm(len(trainable), generator=gen)[:n_train_t].tolist()
             for j in sorted(trainable[k] for k in perm):
-                t = timesteps[j]
+                t = sched.timesteps[j]
                 for c0 in range(0, B, cfg.train_micro_batch):
-                    sl = slice(c0, min(B, c0 + cfg.train_micro_batch))
+                    idx = list(range(c0, min(B, c0 + cfg.train_micro_batch)))
+                    sl = slice(idx[0], idx[-1] + 1)
                     x_t, x_prev = traj[j][sl], traj[j + 1][sl]
+                    c_mb = cond.take(idx)
+                    u_mb = uncond.take(idx) if uncond is not None else None
                     with acc.autocast():
-                        out = _predict(unet, scheduler.scale_model_input(x_t, t), t, emb[sl], uncond,
-                                       cfg.guidance_scale)
-                    mean, std = ddim_mean_std(scheduler, out.float(), t, x_t, cfg.eta)
-                    logp = gaussian_log_prob(x_prev, mean, std, reduce=cfg.log_prob_reduce)
+                        logp, pred, mean, std = transition_log_prob(family, sched, j, x_t, x_prev, c_mb, u_mb,
+                                                                    cfg.guidance_scale, cfg.eta, sde_type,
+                                                                    cfg.log_prob_reduce)
+                    if first_ratio_err is None:
+                        first_ratio_err = float((logp.detach() - logp_old[j][sl]).abs().max())
                     ppo, info = ppo_clipped_loss(logp, logp_old[j][sl], adv[sl], cfg.clip_range,
                                                  weights=sample_w[sl])
                     loss = ppo
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), common.reference_mode(base), acc.autocast():
-                            out_ref = _predict(unet, scheduler.scale_model_input(x_t, t), t, emb[sl], uncond,
-                                               cfg.guidance_scale)
-                        mean_ref, _ = ddim_mean_std(scheduler, out_ref.float(), t, x_t, cfg.eta)
-                        kl = kl_to_reference(mean, mean_ref, std, reduce=cfg.log_prob_reduce).mean()
+                            pred_ref = family.guided_predict(x_t, t, c_mb, u_mb, cfg.guidance_scale)
+                        if cfg.kl_type == "velocity":
+                            kl = kl_velocity(pred.float(), pred_ref.float(), reduce=cfg.log_prob_reduce).mean()
+                        else:
+                            mean_ref, _ = family.step_mean_std(pred_ref, sched, j, x_t, cfg.eta, sde_type)
+                            kl = kl_to_reference(mean, mean_ref, std, reduce=cfg.log_prob_reduce).mean()
                         loss = loss + cfg.kl_coef * kl
                         stats["kl"] += kl.item()
-                    frac = (sl.stop - sl.start) / B
+                    frac = len(idx) / B
                     acc.backward(loss * frac / n_train_t)
                     stats["ppo_loss"] += ppo.item()
                     for key in ("clip_frac", "approx_kl", "ratio_mean"):
@@ -295,6 +347,8 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
             "dar_w_max": float(dar.max()),
             "lr": lr,
             "trained_timesteps": n_train_t,
+            "sde_window": window if window is not None else "all",
+            "first_logp_abs_diff": first_ratio_err,
             "prompt_ids": [str(c.get("prompt_id")) for c in chosen],
             "sample_time": t_sample - t0,
             "reward_time": t_reward - t_sample,
@@ -315,7 +369,7 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
             metrics.update(h)
             if best["score"] is None or h["heldout_lambda_harmonic"] > best["score"]:
                 best = {"score": h["heldout_lambda_harmonic"], "step": step}
-                common.save_lora(base, s.output_dir / "best_adapter")
+                common.save_lora(base, s.output_dir / "best_adapter", family=family)
             metrics["best_heldout_lambda_harmonic"] = best["score"]
             metrics["best_step"] = best["step"]
         metrics["step_time"] = time.perf_counter() - t0
@@ -325,7 +379,7 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
 
     unet.eval()
     if acc.is_main_process and not heldout_rows:
-        common.save_lora(base, s.output_dir / "best_adapter")
+        common.save_lora(base, s.output_dir / "best_adapter", family=family)
         best = {"score": None, "step": step}
     last = last or (s.logger.history[-1] if s.logger.history else {})
     final = {k: v for k, v in last.items() if k not in ("step", "time") and not isinstance(v, list)}

@@ -1,4 +1,6 @@
-"""SFT trainer: LoRA on the UNet, standard denoising loss ``‖ε - ε_θ(√ᾱ_t·z + √(1-ᾱ_t)·ε, t, c)‖²``.
+"""SFT trainer: LoRA on the denoiser with the model family's objective — ``‖ε - ε_θ(x_t, t, c)‖²`` (or v) for the
+UNet families, ``‖(ε - x0) - v_θ(x_σ, σ, c)‖²`` for the flow-matching transformers — where ``c`` holds the text and,
+for edit / multi_ref samples, their source / reference images.
 
 Stage 1 of DyRef's two-stage recipe (SFT, then RL from this adapter: ``GRPOConfig.init_adapter``).
 Randomness of step ``k`` (VAE posterior sample, noise, timesteps, caption and reward dropout) comes from a
@@ -24,19 +26,19 @@ class SFTStep:
     ``batch``: ``{"pixels": (B,3,R,R) in [-1,1], "captions": [...], "meta": [sample json, ...]}``; every random
     draw comes from ``gen`` in a fixed order (posterior sample, noise, timesteps, caption dropout, then -- when
     conditioning -- dimension dropout and reward dropout), so plain SFT draws what it always drew.
+
+    The objective is the model family's (:mod:`trainers.families`): noise / v prediction for the UNet families, the
+    flow velocity for the flow-matching transformers. Edit and multi_ref samples are conditioned on their source /
+    reference images (a task the family cannot condition on is refused, never trained as text-to-image).
     """
 
     def __init__(self, cfg: SFTConfig, setup):
-        from diffusers import DDPMScheduler
-
-        from trainers import common
         from trainers.conditioning import EMBEDDING_NAME
 
         self.cfg = cfg
         self.acc, self.pipe, self.unet = setup.accelerator, setup.pipe, setup.unet
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.num_train_t = self.noise_scheduler.config.num_train_timesteps
-        self.empty_emb = common.encode_prompts(self.pipe, [""], self.acc.device) if cfg.caption_dropout > 0 else None
+        self.family = setup.family
+        self.family._train_size = cfg.resolution
         self.reward = setup.modules.get(EMBEDDING_NAME) if cfg.reward_conditioning else None
         self.reward_module = self.acc.unwrap_model(self.reward) if self.reward is not None else None
 
@@ -46,35 +48,31 @@ class SFTStep:
         import torch.nn.functional as F
 
         from trainers import common
-        from trainers.conditioning import append_reward_tokens, reward_token_mask
-        from trainers.losses import noise_prediction_target
 
-        cfg, acc = self.cfg, self.acc
-        latents = common.images_to_latents(self.pipe.vae, batch["pixels"], generator=gen).float()
+        cfg, acc, family = self.cfg, self.acc, self.family
+        latents = family.images_to_latents(batch["pixels"].to(acc.device), generator=gen).float()
         bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=gen).to(acc.device)
-        timesteps = torch.randint(0, self.num_train_t, (bsz,), generator=gen).to(acc.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        emb = common.encode_prompts(self.pipe, batch["captions"], acc.device)
-        if self.empty_emb is not None:
-            drop = (torch.rand(bsz, generator=gen) < cfg.caption_dropout).to(acc.device)
-            emb = torch.where(drop[:, None, None], self.empty_emb.expand_as(emb), emb)
-        mask, extra = None, {}
+        noisy, timesteps, target = family.training_sample(latents, gen)
+        captions = list(batch["captions"])
+        if cfg.caption_dropout > 0:
+            drop = torch.rand(bsz, generator=gen) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        cond = common.condition_batch(family, captions, batch["meta"], cfg.resolution)
+        extra = {}
         if self.reward is not None:
             scores = self.reward_module.scores_tensor(batch["meta"])  # (B, D), NaN = no score
             if cfg.reward_dimension_dropout > 0:
                 hide = torch.rand(scores.shape, generator=gen) < cfg.reward_dimension_dropout
                 scores = scores.masked_fill(hide, float("nan"))
-            text_len = emb.shape[1]
-            emb = append_reward_tokens(emb, self.reward(scores.to(acc.device)))
+            keep = None
+            tokens = self.reward(scores.to(acc.device))
             if cfg.reward_dropout > 0:
                 keep = torch.rand(bsz, generator=gen) >= cfg.reward_dropout
-                mask = reward_token_mask(bsz, text_len, emb.shape[1] - text_len, keep, device=acc.device)
                 extra["reward_kept"] = float(keep.float().mean())
+            cond = family.append_tokens(cond, tokens, keep)
             extra["reward_known"] = float(torch.isfinite(scores).float().mean())
-        target = noise_prediction_target(self.noise_scheduler, latents, noise, timesteps)
         with acc.autocast():
-            pred = self.unet(noisy, timesteps, emb, encoder_attention_mask=mask).sample
+            pred = family.predict(noisy, timesteps, cond)
         return F.mse_loss(pred.float(), target.float()), extra
 
 
@@ -85,10 +83,10 @@ def reward_embedding_factory(cfg: SFTConfig):
     if not cfg.reward_dimensions:
         raise ValueError("reward_conditioning needs at least one entry in reward_dimensions")
 
-    def build(pipe):
+    def build(family):
         from trainers.conditioning import EMBEDDING_NAME, RewardEmbedding
 
-        width = int(pipe.text_encoder.config.hidden_size)
+        width = family.text_width
         return {EMBEDDING_NAME: RewardEmbedding(cfg.reward_dimensions, width, scale=cfg.reward_scale, seed=cfg.seed,
                                                 tokens_per_dimension=cfg.reward_tokens_per_dimension)}
 
@@ -129,7 +127,7 @@ def train(config: SFTConfig | dict | str) -> dict[str, Any]:
     stream = SFTStream(cfg.corpus_dir, resolution=cfg.resolution, chunk_size=cfg.batch_size, seed=cfg.seed,
                        shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
                        world_size=acc.num_processes, num_workers=cfg.dataloader_num_workers,
-                       prefetch_factor=cfg.prefetch_factor, position=position)
+                       prefetch_factor=cfg.prefetch_factor, position=position, tasks=cfg.tasks)
 
     s.unet.train()
     if step_fn.reward is not None:

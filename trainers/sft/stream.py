@@ -48,9 +48,11 @@ class _Chunks(IterableDataset):
     ``{"epoch", "worker", "end": number of chunks the epoch has}`` (skipped ones included), then ``{"idle"}`` items
     until ``open_epoch`` (shared with the training process) lets the next epoch start."""
 
-    def __init__(self, dataset, *, chunk_size: int, resolution: int, start: dict[str, int], open_epoch):
+    def __init__(self, dataset, *, chunk_size: int, resolution: int, start: dict[str, int], open_epoch,
+                 tasks: frozenset[str] | None = None):
         super().__init__()
         self.dataset = dataset  # corpus_dataset(kind="sft", decode=False)
+        self.tasks = tasks  # samples of other tasks are skipped (before counting: positions count kept samples)
         self.chunk_size = int(chunk_size)
         self.resolution = int(resolution)
         self.start = dict(start)
@@ -83,6 +85,8 @@ class _Chunks(IterableDataset):
             seen = 0
             buf: list = []
             for image_bytes, caption, meta in self.dataset:
+                if self.tasks is not None and str(meta.get("task") or "t2i") not in self.tasks:
+                    continue
                 index = seen
                 seen += 1
                 if index < skip:
@@ -209,7 +213,7 @@ class SFTStream:
     def __init__(self, corpus_dir: str | os.PathLike, *, resolution: int, chunk_size: int, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
                  num_workers: int = 1, prefetch_factor: int | None = 2, position: dict[str, int] | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, tasks: list[str] | None = None):
         import multiprocessing
 
         import torch
@@ -230,7 +234,7 @@ class SFTStream:
         self.shards = list(dataset.shards)
         self._open_epoch = multiprocessing.RawValue("q", int(start["epoch"]))  # inherited by the workers
         self.chunks = _Chunks(dataset, chunk_size=chunk_size, resolution=resolution, start=start,
-                              open_epoch=self._open_epoch)
+                              open_epoch=self._open_epoch, tasks=frozenset(tasks) if tasks else None)
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
