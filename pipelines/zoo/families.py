@@ -4,28 +4,40 @@ One builder per zoo component; each writes the pipeline with ``save_pretrained(s
 standard layout (``model_index.json`` + one folder per component), so ``diffusers.DiffusionPipeline
 .from_pretrained(dir)`` loads it through the same code path as the real checkpoint it imitates:
 
-=================  ============================  =====================================================
-component          pipeline                      imitates
-=================  ============================  =====================================================
-``sdxl``           ``StableDiffusionXLPipeline``  stabilityai/stable-diffusion-xl-base-1.0
-``sd3``            ``StableDiffusion3Pipeline``   stabilityai/stable-diffusion-3-medium-diffusers (no T5)
-``flux``           ``FluxPipeline``               black-forest-labs/FLUX.1-dev (without guidance embeds)
-``flux_kontext``   ``FluxKontextPipeline``        black-forest-labs/FLUX.1-Kontext-dev (idem)
-``qwen_image``     ``QwenImagePipeline``          Qwen/Qwen-Image
-``qwen_image_edit`` ``QwenImageEditPlusPipeline`` Qwen/Qwen-Image-Edit-2509
-=================  ============================  =====================================================
+=====================  ==============================  ===================================================
+component              pipeline                        imitates
+=====================  ==============================  ===================================================
+``sdxl``               ``StableDiffusionXLPipeline``   stabilityai/stable-diffusion-xl-base-1.0
+``sd3``                ``StableDiffusion3Pipeline``    stabilityai/stable-diffusion-3-medium-diffusers
+``flux``               ``FluxPipeline``                black-forest-labs/FLUX.1-dev (no guidance embedding)
+``flux_kontext``       ``FluxKontextPipeline``         black-forest-labs/FLUX.1-Kontext-dev (idem)
+``qwen_image``         ``QwenImagePipeline``           Qwen/Qwen-Image
+``qwen_image_edit``    ``QwenImageEditPlusPipeline``   Qwen/Qwen-Image-Edit-2509
+=====================  ==============================  ===================================================
 
 Everything is built offline from small configs with fixed seeds (same code -> same bytes):
 
 * CLIP tokenizers: the zoo's CLIP BPE tokenizer (``pipelines.zoo.diffusion.build_clip_tokenizer``); the second
   CLIP tokenizer of SDXL / SD3 pads with ``"!"`` as the OpenCLIP bigG tokenizer of those checkpoints does.
-* T5 tokenizer (FLUX): a ``T5Tokenizer`` (tokenizers-backed, SentencePiece-style Unigram with ``<pad>=0``,
-  ``</s>=1``, ``<unk>=2`` and 100 ``<extra_id_*>`` sentinels at the end, as T5's) whose Unigram model is trained
-  in memory on the judge's deterministic corpus.
+* T5 tokenizer (FLUX, SD3): a ``T5Tokenizer`` (tokenizers-backed, SentencePiece-style Unigram with ``<pad>=0``,
+  ``</s>=1``, ``<unk>=2`` and 100 ``<extra_id_*>`` sentinels at the end, as T5's) whose Unigram vocabulary is
+  derived in memory, deterministically, from the judge's corpus (see ``_t5_pieces``).
 * Qwen text encoder: the zoo's tiny Qwen2.5-VL judge (``pipelines.zoo.judge``: same tokenizer, processor, config
   and seed, so the weights are the judge's).
-* Every VAE downsamples twice less than the real ones: ``vae_scale_factor`` 2, so 64x64 images have 32x32 latents;
-  the packed families (FLUX, Qwen) see 16x16 = 256 image tokens, SD3 (patch 2) also 256.
+* Every VAE downsamples once (``vae_scale_factor`` 2, the real ones 8), so 64x64 images have 32x32 latents; the
+  packed families (FLUX, Qwen: 2x2 patches) and SD3 (patch 2) see 16x16 = 256 image tokens.
+
+Traps of the real pipelines that these tiny models make visible (see the tests):
+
+* ``FluxKontextPipeline.__call__`` rescales the *output* to ``max_area`` (default 1024**2) whatever ``height`` /
+  ``width`` say, and with ``_auto_resize=True`` (default) the input image to a ~1024**2 preferred resolution: pass
+  ``max_area=height * width, _auto_resize=False`` for small images.
+* ``QwenImageEditPlusPipeline.__call__`` resizes every condition image to ~1024**2 for the VAE (module constant
+  ``VAE_IMAGE_SIZE``), i.e. 65536 image tokens each at ``vae_scale_factor`` 2: unusable on CPU. Encode the
+  conditions through the components (``encode_prompt`` + ``vae``) at your own size instead.
+* The Qwen pipelines drop a hard-coded number of template tokens from the text encoder's output (34 / 64, counted
+  with Qwen's real tokenizer); the zoo's tokenizer splits the template into more tokens: see
+  :func:`qwen_prompt_template_start_idx`.
 
 Sizes: each transformer / UNet is a few hundred k parameters; the CLIP text encoders are dominated by their
 49408 x 32 token embedding (1.58 M parameters each).
@@ -34,6 +46,7 @@ Sizes: each transformer / UNet is a few hundred k parameters; the CLIP text enco
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -51,7 +64,9 @@ CLIP_VOCAB_SIZE = 49408
 _SEEDS = {"sdxl": 100, "sd3": 200, "flux": 300, "flux_kontext": 400, "qwen_image": 500, "qwen_image_edit": 600}
 
 # T5 (FLUX's second text encoder)
-T5_PIECES = 1000  # trained Unigram pieces, incl. <pad> </s> <unk>
+T5_PIECES = 1000  # Unigram pieces, incl. <pad> </s> <unk>
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+T5_MAX_PIECE = 12
 T5_EXTRA_IDS = 100
 T5_MAX_LENGTH = 512
 T5_HIDDEN = 32
@@ -128,29 +143,77 @@ def _clip_tokenizer(pad_token: str | None = None):
 
 @lru_cache(maxsize=1)
 def _t5_pieces() -> tuple[tuple[str, float], ...]:
-    """Unigram pieces (piece, log-prob) trained in memory: ``<pad>``, ``</s>``, ``<unk>`` first, as T5's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A SentencePiece-style Unigram vocabulary (piece, log-probability), derived deterministically from the judge's
+    corpus: ``<pad>``, ``</s>``, ``<unk>`` (ids 0, 1, 2 as in T5), every printable ASCII character and ``▁``, and
+    multi-character pieces of ``▁``-prefixed words chosen the way SentencePiece's Unigram trainer does (frequent
+    substrings as seed, Viterbi re-estimation, pruning of the least used), scored by log relative frequency of use
+    and ordered by score.
+
+    Not ``tokenizers``' ``UnigramTrainer``: its output (piece order, scores of equally likely pieces) changes from
+    one process to the next, and the zoo must be byte-for-byte reproducible.
+    """
+    import string
+    from collections import Counter
 
     from pipelines.zoo.judge import _corpus
 
-    tok = Tokenizer(models.Unigram())
-    # T5Tokenizer's own pre-tokenisation (whitespace split + SentencePiece's "▁" word prefix).
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
-    )
-    trainer = trainers.UnigramTrainer(
-        vocab_size=T5_PIECES,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        show_progress=False,
-        max_piece_length=12,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    if [v[0] for v in vocab[:3]] != ["<pad>", "</s>", "<unk>"]:  # pragma: no cover - tokenizers behaviour guard
-        raise RuntimeError(f"unexpected special pieces: {vocab[:3]}")
-    # Rounded scores: the bytes of tokenizer.json must not depend on float summation order.
-    return tuple((str(p), round(float(s), 4)) for p, s in vocab)
+    words: Counter[str] = Counter()
+    for line in _corpus():
+        for word in line.split():
+            words["▁" + word] += 1
+    counts: Counter[str] = Counter()
+    for word, n in words.items():
+        for i in range(len(word)):
+            for j in range(i + 1, min(len(word), i + T5_MAX_PIECE) + 1):
+                counts[word[i:j]] += n
+    chars = set(string.ascii_letters + string.digits + string.punctuation) | {"▁"}
+    chars |= {c for c in counts if len(c) == 1}
+    target = T5_PIECES - len(T5_SPECIALS) - len(chars)
+    # Seed: the most frequent words and substrings (count x length, as SentencePiece seeds), then hard-EM rounds (Viterbi
+    # segmentation, re-score by use) that prune the least used pieces until ``target`` remain, and a last round.
+    whole = [w for w in sorted(words, key=lambda w: (-words[w], w)) if 1 < len(w) <= T5_MAX_PIECE][: 3 * target // 2]
+    seeded = set(whole)
+    parts = sorted((p for p in counts if len(p) > 1 and p not in seeded), key=lambda p: (-counts[p] * len(p), p))
+    multi = whole + parts[: 3 * target - len(whole)]
+    usage = {p: counts[p] for p in sorted(chars) + multi}
+    while True:
+        usage = _segment_counts(words, usage)
+        if len(multi) <= target:
+            break
+        keep = max(target, int(len(multi) * 0.6))
+        multi = sorted(multi, key=lambda p: (-usage[p], p))[:keep]
+        usage = {p: usage[p] for p in sorted(chars) + multi}
+    usage = _segment_counts(words, usage)
+    total = sum(usage.values()) + len(usage)
+    scored = sorted(((p, round(math.log((n + 1) / total), 6)) for p, n in usage.items()), key=lambda ps: (-ps[1], ps[0]))
+    return tuple((t, 0.0) for t in T5_SPECIALS) + tuple(scored)
+
+
+def _segment_counts(words, usage: dict[str, int]) -> dict[str, int]:
+    """One hard-EM step: score the pieces by ``usage`` (+1), segment every word, count the pieces used."""
+    total = sum(usage.values()) + len(usage)
+    scores = {p: math.log((n + 1) / total) for p, n in usage.items()}
+    out = dict.fromkeys(usage, 0)
+    for word, n in words.items():
+        for piece in _viterbi(word, scores):
+            out[piece] += n
+    return out
+
+
+def _viterbi(word: str, scores: dict[str, float]) -> list[str]:
+    """Most likely segmentation of ``word`` into pieces of ``scores`` (every character of it must be a piece)."""
+    best = [0.0] + [-math.inf] * len(word)
+    back = [0] * (len(word) + 1)
+    for end in range(1, len(word) + 1):
+        for start in range(max(0, end - T5_MAX_PIECE), end):
+            score = scores.get(word[start:end])
+            if score is not None and best[start] + score > best[end]:
+                best[end], back[end] = best[start] + score, start
+    out, end = [], len(word)
+    while end > 0:
+        out.append(word[back[end]:end])
+        end = back[end]
+    return out[::-1]
 
 
 def build_t5_tokenizer():
@@ -477,3 +540,15 @@ def build_qwen_image_edit(out_dir: Path) -> Path:
     from diffusers import QwenImageEditPlusPipeline
 
     return _save(QwenImageEditPlusPipeline(**_qwen_components("qwen_image_edit")), out_dir)
+
+
+def qwen_prompt_template_start_idx(pipe) -> int:
+    """Tokens of a Qwen-Image pipeline's prompt template before the user's text, counted with its own tokenizer.
+
+    The pipelines drop ``pipe.prompt_template_encode_start_idx`` leading positions of the text encoder's hidden
+    states, hard-coded for Qwen's real tokenizer (34 in ``QwenImagePipeline``, 64 in ``QwenImageEditPlusPipeline``).
+    The zoo's small BPE splits the system prompt into more tokens, so part of it would stay in the embeddings; set
+    ``pipe.prompt_template_encode_start_idx = qwen_prompt_template_start_idx(pipe)`` to drop exactly the template.
+    """
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    return len(pipe.tokenizer(prefix).input_ids)

@@ -29,3 +29,29 @@ def test_unknown_profile_names_the_known_ones(tmp_path):
 def test_load_profile_returns_a_fresh_copy():
     load_profile("tiny")["judge"]["batch_size"] = -1
     assert load_profile("tiny")["judge"]["batch_size"] != -1
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_every_profiles_training_settings_are_trainer_fields(name):
+    """Each trainer section of each bundled profile builds its config dataclass (unknown keys are errors)."""
+    from trainers.common import config_from_dict
+    from trainers.dpo import DPOConfig
+    from trainers.grpo import GRPOConfig
+    from trainers.sft import SFTConfig
+
+    training = load_profile(name)["training"]
+    assert set(training) - {"model", "tasks", "sft", "dpo", "grpo"} == set()
+    for key, cls in (("sft", SFTConfig), ("dpo", DPOConfig), ("grpo", GRPOConfig)):
+        cfg = config_from_dict(cls, {**training[key], **({"tasks": training["tasks"]} if training.get("tasks") else {})})
+        if isinstance(cfg, GRPOConfig) and cfg.sde_type:
+            assert cfg.sde_type in {"ddim", "flow_sde", "dance_sde", "cps"}
+
+
+def test_default_profile_runs_flow_families_with_native_references():
+    from pipelines.zoo import resolve_model
+    from trainers.families import FLOW_FAMILIES, detect_family, input_images
+
+    generators = load_profile("tiny")["generation"]["generators"]
+    for task, spec in generators.items():
+        assert detect_family(resolve_model(spec["model"])) in FLOW_FAMILIES, task
+    assert input_images(resolve_model(generators["multi_ref"]["model"])) >= 2
