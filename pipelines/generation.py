@@ -93,6 +93,7 @@ class ImageGenerator:
         self.reference_input = reference_input
         self._pipe: Any = None
         self._family: Any = None
+        self._native = False  # True when the family samples itself (flow matching), see setup()
         self._call_params: frozenset[str] = frozenset()
         self._lora: dict[str, str] | None = None
 

@@ -260,7 +260,27 @@ def reward_pipeline_kwargs(pipe, prompts: str | Sequence[str], scores: Scores | 
     return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
 
+def family_condition_with_rewards(family, texts: str | Sequence[str], images, scores, embedding: RewardEmbedding | None,
+                                  size: int):
+    """The conditioning of any model family (:mod:`trainers.families`) with reward tokens appended — how a
+    reward-conditioned adapter of a flow-matching or edit family is asked for scores at inference::
+
+        cond = family_condition_with_rewards(family, ["make it red"], [[source]], {"visual_quality": 5}, emb, 512)
+        out = family.sample(cond, uncond, family.initial_noise(gens, 512), steps, 512, guidance=4.0)
+
+    ``images``: per prompt, the input images (as :meth:`ModelFamily.encode` takes them) or None."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    with torch.no_grad():
+        cond = family.encode(texts, images, size)
+        if scores is None or embedding is None:
+            return cond
+        table = embedding.scores_tensor(_per_text(scores, len(texts)), strict=True)
+        tokens = embedding(table.to(next(embedding.parameters()).device))
+    return family.append_tokens(cond, tokens)
+
+
 __all__ = [
+    "family_condition_with_rewards",
     "CONFIG_NAME", "EMBEDDING_NAME", "WEIGHTS_NAME", "RewardEmbedding", "append_reward_tokens",
     "default_reward_dimensions", "encode_prompts_with_rewards", "has_reward_embedding", "load_reward_embedding",
     "reward_pipeline_kwargs", "reward_token_mask", "save_reward_embedding", "score_value",

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ZOO_VERSION = "3"
+ZOO_VERSION = "4"
 ZOO_PREFIX = "zoo:"
 MARKER = ".complete"
 ZOO_COMPONENTS = ("t2i", "edit", "judge", "clip", "sdxl", "sd3", "flux", "flux_kontext", "qwen_image",

@@ -34,18 +34,19 @@ Traps of the real pipelines that these tiny models make visible (see the tests):
   ``max_area=height * width, _auto_resize=False`` for small images.
 * ``QwenImageEditPlusPipeline.__call__`` resizes every condition image to ~1024**2 for the VAE (module constant
   ``VAE_IMAGE_SIZE``), i.e. 65536 image tokens each at ``vae_scale_factor`` 2: unusable on CPU. Encode the
-  conditions through the components (``encode_prompt`` + ``vae``) at your own size instead.
+  conditions through the components (``encode_prompt`` + ``vae``) at your own size instead (or, as the tests do,
+  monkeypatch ``VAE_IMAGE_SIZE`` / ``CONDITION_IMAGE_SIZE`` of ``pipeline_qwenimage_edit_plus``).
 * The Qwen pipelines drop a hard-coded number of template tokens from the text encoder's output (34 / 64, counted
   with Qwen's real tokenizer); the zoo's tokenizer splits the template into more tokens: see
   :func:`qwen_prompt_template_start_idx`.
 
-Sizes: each transformer / UNet is a few hundred k parameters; the CLIP text encoders are dominated by their
-49408 x 32 token embedding (1.58 M parameters each).
+Sizes: each transformer is ~80-95 k parameters, the SDXL UNet ~1 M, each VAE ~0.5-0.7 M; the CLIP text encoders are
+dominated by their 49408 x 16 token embedding (0.79 M parameters each). On disk: sdxl ~20 MB, sd3 ~18 MB, flux and
+flux_kontext ~10 MB, qwen_image(_edit) ~4 MB (a CLIP ``tokenizer.json`` alone is 3.6 MB).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from functools import lru_cache
@@ -63,7 +64,7 @@ CLIP_VOCAB_SIZE = 49408
 # Per-component seed offsets (each model inside a component adds its own small offset).
 _SEEDS = {"sdxl": 100, "sd3": 200, "flux": 300, "flux_kontext": 400, "qwen_image": 500, "qwen_image_edit": 600}
 
-# T5 (FLUX's second text encoder)
+# T5 (FLUX's second and SD3's third text encoder)
 T5_PIECES = 1000  # Unigram pieces, incl. <pad> </s> <unk>
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 T5_MAX_PIECE = 12
@@ -169,8 +170,8 @@ def _t5_pieces() -> tuple[tuple[str, float], ...]:
     chars = set(string.ascii_letters + string.digits + string.punctuation) | {"▁"}
     chars |= {c for c in counts if len(c) == 1}
     target = T5_PIECES - len(T5_SPECIALS) - len(chars)
-    # Seed: the most frequent words and substrings (count x length, as SentencePiece seeds), then hard-EM rounds (Viterbi
-    # segmentation, re-score by use) that prune the least used pieces until ``target`` remain, and a last round.
+    # Seed: the most frequent words and substrings (count x length, as SentencePiece seeds), then hard-EM rounds
+    # (Viterbi segmentation, re-score by use) that prune the least used pieces until ``target`` remain; a last round.
     whole = [w for w in sorted(words, key=lambda w: (-words[w], w)) if 1 < len(w) <= T5_MAX_PIECE][: 3 * target // 2]
     seeded = set(whole)
     parts = sorted((p for p in counts if len(p) > 1 and p not in seeded), key=lambda p: (-counts[p] * len(p), p))
@@ -185,7 +186,8 @@ def _t5_pieces() -> tuple[tuple[str, float], ...]:
         usage = {p: usage[p] for p in sorted(chars) + multi}
     usage = _segment_counts(words, usage)
     total = sum(usage.values()) + len(usage)
-    scored = sorted(((p, round(math.log((n + 1) / total), 6)) for p, n in usage.items()), key=lambda ps: (-ps[1], ps[0]))
+    scored = sorted(((p, round(math.log((n + 1) / total), 6)) for p, n in usage.items()),
+                    key=lambda ps: (-ps[1], ps[0]))
     return tuple((t, 0.0) for t in T5_SPECIALS) + tuple(scored)
 
 

@@ -171,7 +171,8 @@ def test_decoded_batches_with_the_existing_collate(pref_root, sft_dir):
     assert batches[0]["pixels_w"].shape == (len(batches[0]["captions"]), 3, 8, 8)
     assert all(float(b["label_w"].min()) == 1.0 for b in batches)
 
-    img_0, img_1, caption, label_0, label_1 = next(iter(corpus_dataset(pref_root / "v1", shuffle=False)))
+    img_0, img_1, caption, label_0, label_1, meta = next(iter(corpus_dataset(pref_root / "v1", shuffle=False)))
+    assert meta["_src"] is None and meta["_refs"] == []  # a t2i pair conditions on no image
     assert caption == "caption 0" and (label_0, label_1) == (1.0, 0.0)
     assert img_0.getpixel((8, 8))[2] > 150 and img_1.getpixel((8, 8))[0] > 150
     raw_0, *_ = next(iter(corpus_dataset(pref_root / "v1", shuffle=False, decode=False)))

@@ -37,9 +37,11 @@ T2I_DIMS = ["prompt_alignment", "visual_quality", "aesthetics"]
 
 def _meta(i: int) -> dict:
     """Label columns as the SFT corpus carries them: t2i samples with the t2i rubric's scores (one null, one NaN),
-    edit samples with the edit rubric's (``visual_quality`` is shared, the other t2i dimensions are absent)."""
+    and every fourth sample scored with the edit rubric's dimensions (``visual_quality`` is shared, the other t2i
+    dimensions are absent -> their "unknown" tokens). Those are t2i samples too: the tiny SD model is text-only, and
+    a real edit sample (with its source image) is refused there rather than trained as t2i."""
     if i % 4 == 3:
-        return {"task": "edit", "instruction_following": 4, "detail_preservation": 3, "visual_quality": i % 6,
+        return {"task": "t2i", "instruction_following": 4, "detail_preservation": 3, "visual_quality": i % 6,
                 "reward": 0.4, "clip_t": 0.3}
     return {"task": "t2i", "prompt_alignment": i % 6, "visual_quality": (2 * i) % 6,
             "aesthetics": None if i % 5 == 0 else (math.nan if i % 7 == 0 else 5 - i % 6),

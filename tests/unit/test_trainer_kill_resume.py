@@ -45,6 +45,14 @@ FIRST_CHECKPOINT = "step-00000002"
 
 
 @pytest.fixture(scope="module")
+def multi_image_model(tmp_path_factory) -> str:
+    """The tiny Qwen-Image-Edit-Plus: GRPO's pool holds multi_ref prompts, which its policy conditions on."""
+    from pipelines.zoo import build_zoo
+
+    return str(build_zoo(tmp_path_factory.mktemp("zoo_qwen"), only=["qwen_image_edit"])["qwen_image_edit"])
+
+
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     from pipelines.zoo.diffusion import build_t2i
 
@@ -259,10 +267,11 @@ def prompt_pool(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_grpo_killed_mid_run_resumes_from_checkpoint(tiny_model, tiny_clip, prompt_pool, tmp_path):
-    """The CLI's own reward (tiny CLIP, λ-Harmonic with DRS, DAR weights, KL) and held-out model selection: the
-    best adapter and its step also come out as in the uninterrupted run."""
-    cfg = {"pretrained_model": tiny_model, "prompt_pool": prompt_pool, "clip_model": tiny_clip, "num_steps": 6,
+def test_grpo_killed_mid_run_resumes_from_checkpoint(multi_image_model, tiny_clip, prompt_pool, tmp_path):
+    """The CLI's own reward (tiny CLIP, λ-Harmonic with DRS, DAR weights, KL) and held-out model selection, on a
+    flow-matching policy (Flow-SDE) conditioned on the multi_ref references: the best adapter and its step also
+    come out as in the uninterrupted run."""
+    cfg = {"pretrained_model": multi_image_model, "prompt_pool": prompt_pool, "clip_model": tiny_clip, "num_steps": 6,
            "resolution": 16, "group_size": 3, "prompts_per_step": 2, "sample_steps": 3, "heldout_every": 2,
            "heldout_prompts": 2, "heldout_images_per_prompt": 1, "checkpoint_every": 2, "keep_checkpoints": 2,
            "seed": 0, "learning_rate": 1e-2, "kl_coef": 0.01, "lora_rank": 4, "num_threads": 1, "device": "cpu",
