@@ -48,13 +48,14 @@ def drs_k(n_refs: int, k0: float = 10.0, k1: float = 3.0) -> float:
     return float(k0) + float(k1) * (int(n_refs) - 2)
 
 
-def drs_sharpen(sims: Any, n_refs: int, k0: float = 10.0, k1: float = 3.0, tau: float = 0.68) -> Any:
-    """Dynamic reward sharpening ``σ(k · (s - τ))``, elementwise (float in, float out; sequences -> array)."""
+def drs_sharpen(sims: Any, n_refs: int, k0: float = 10.0, k1: float = 3.0, tau: float = 0.65) -> Any:
+    """Dynamic reward sharpening ``σ(k · (s - τ))``, elementwise (float in, float out; sequences -> array).
+    Defaults are DyRef's released code: ``k = 10 + 3·(n_refs - 2)``, ``τ = 0.65``."""
     k = drs_k(n_refs, k0, k1)
     return stable_sigmoid(k * (np.asarray(sims, dtype=np.float64) - tau))
 
 
-def drs_clip_i(per_ref: Any, k0: float = 10.0, k1: float = 3.0, tau: float = 0.68) -> float | None:
+def drs_clip_i(per_ref: Any, k0: float = 10.0, k1: float = 3.0, tau: float = 0.65) -> float | None:
     """Mean of the DRS-sharpened per-reference similarities (``None`` without references)."""
     sims = np.asarray(per_ref, dtype=np.float64).reshape(-1)
     if sims.size == 0:

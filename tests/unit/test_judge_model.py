@@ -189,9 +189,9 @@ def test_labeling_stage_with_tiny_models(judge, scorer):
          "reference_types": ["subject", "style"]},
     ]
     rows.append({"candidate_id": "c3", "prompt_id": "p0", "task": "t2i", "text": "a cube"})  # looked up by id
-    drs = {"enabled": True, "k0": 10.0, "k1": 3.0, "tau": 0.68}  # the profile's shape
+    drs = {"enabled": True, "k0": 10.0, "k1": 3.0, "tau": 0.65}  # the profile's shape (DyRef's defaults)
     stage = LabelingStage(judge, scorer, lambdas={"multi_ref": 0.5}, drs=drs)
-    assert stage.drs == {"k0": 10.0, "k1": 3.0, "tau": 0.68}
+    assert stage.drs == {"k0": 10.0, "k1": 3.0, "tau": 0.65}
     out = stage.process_batch(rows, {"k0": imgs[0], "k1": None, "k2": imgs[2], "c3": OSError("bad shard")},
                               {}, {"p1": refs})
     assert [r["status"] for r in out] == ["ok", "image_error", "ok", "image_error"]

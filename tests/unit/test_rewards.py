@@ -45,20 +45,22 @@ def test_lambda_harmonic_vectorised():
 
 # -- DRS ------------------------------------------------------------------------------------------------------
 def test_drs_hand_computed():
+    """DyRef's DRS with its released defaults: k = k0 + k1·(n_refs - 2) with k0 = 10, k1 = 3; τ = 0.65."""
     assert drs_k(4) == 16.0 and drs_k(2) == 10.0 and drs_k(1) == 7.0
-    # n_refs=4: k = 10 + 3*2 = 16; s=0.7 -> σ(16 * 0.02) = σ(0.32)
-    assert drs_sharpen(0.7, 4) == pytest.approx(sig(0.32))
-    assert drs_sharpen(0.7, 4) == pytest.approx(0.5793242521)
-    assert drs_sharpen(0.68, 2) == pytest.approx(0.5)  # s = τ -> 0.5 whatever k
-    # n_refs=3: k=13; s=0.5 -> σ(13 * -0.18) = σ(-2.34)
-    assert drs_sharpen(0.5, 3) == pytest.approx(sig(-2.34))
-    assert drs_sharpen(0.9, 2, k0=5.0, k1=1.0, tau=0.65) == pytest.approx(sig(5 * 0.25))
+    # n_refs=4: k = 10 + 3*2 = 16; s=0.7 -> σ(16 * 0.05) = σ(0.8) = 1/(1+e^-0.8)
+    assert drs_sharpen(0.7, 4) == pytest.approx(sig(0.8))
+    assert drs_sharpen(0.7, 4) == pytest.approx(0.6899744811)
+    assert drs_sharpen(0.65, 2) == pytest.approx(0.5)  # s = τ -> 0.5 whatever k
+    # n_refs=3: k=13; s=0.5 -> σ(13 * -0.15) = σ(-1.95) = 0.1245534
+    assert drs_sharpen(0.5, 3) == pytest.approx(sig(-1.95))
+    assert drs_sharpen(0.5, 3) == pytest.approx(0.1245534, abs=1e-7)
+    assert drs_sharpen(0.9, 2, k0=5.0, k1=1.0, tau=0.68) == pytest.approx(sig(5 * 0.22))
 
 
 def test_drs_elementwise_and_mean():
     sims = [0.7, 0.5, 0.9]
     out = drs_sharpen(sims, 3)
-    np.testing.assert_allclose(out, [sig(13 * 0.02), sig(13 * -0.18), sig(13 * 0.22)])
+    np.testing.assert_allclose(out, [sig(13 * 0.05), sig(13 * -0.15), sig(13 * 0.25)])
     assert drs_clip_i(sims) == pytest.approx(float(np.mean(out)))
     assert drs_clip_i([]) is None
     # sharpening widens gaps around τ
