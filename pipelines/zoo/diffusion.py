@@ -194,8 +194,18 @@ def _build(out_dir: Path, pipeline_cls_name: str, unet_in_channels: int) -> Path
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    save_pipeline(pipe, out_dir)
+    # Also keep the classic vocab files beside tokenizer.json, as hub SD checkpoints have them.
+    write_clip_vocab_files(out_dir / "tokenizer")
+    return out_dir
+
+
+def save_pipeline(pipe, out_dir: Path) -> Path:
+    """``pipe.save_pretrained(out_dir)`` in safetensors, without a progress bar per component."""
     import transformers.utils.logging as tlog
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     bars_on = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()  # no "Writing model shards" bar per component
     try:
@@ -203,8 +213,6 @@ def _build(out_dir: Path, pipeline_cls_name: str, unet_in_channels: int) -> Path
     finally:
         if bars_on:
             tlog.enable_progress_bar()
-    # Also keep the classic vocab files beside tokenizer.json, as hub SD checkpoints have them.
-    write_clip_vocab_files(out_dir / "tokenizer")
     return out_dir
 
 

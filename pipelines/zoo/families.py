@@ -116,18 +116,9 @@ def _pad(n: int, multiple: int = VOCAB_PAD) -> int:
 
 
 def _save(pipe, out_dir: Path) -> Path:
-    import transformers.utils.logging as tlog
+    from pipelines.zoo.diffusion import save_pipeline
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bars_on = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()  # no "Writing model shards" bar per component
-    try:
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        if bars_on:
-            tlog.enable_progress_bar()
-    return out_dir
+    return save_pipeline(pipe, out_dir)
 
 
 # --------------------------------------------------------------------------------------------- tokenizers

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -455,22 +454,6 @@ def dynamic_shift_mu(scheduler_config: Any, image_seq_len: int) -> float:
     base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
     m = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * m + (base_shift - m * base_len)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """fsync everything under ``tmp`` and rename it over ``final``."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 __all__ = ["Conditioning", "LORA_WEIGHT_NAME", "ModelFamily", "Schedule", "TASKS", "UnsupportedTaskError",
