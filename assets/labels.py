@@ -15,7 +15,8 @@ from pipelines.resources import ClipResource, JudgeResource, ProfileResource, St
           check_specs=[
               dg.AssetCheckSpec("labels_follow_contract", asset="reward_labels", blocking=True,
                                 description="Every contract column; statuses known; ok rows scored 0-5 on their "
-                                            "task's dimensions with a reward; failures explained."),
+                                            "task's dimensions with a reward and no NaN/inf anywhere; failures "
+                                            "explained."),
               dg.AssetCheckSpec("parse_error_rate_below_threshold", asset="reward_labels", blocking=True,
                                 description="The judge's parse failures stay under checks.max_parse_error_rate of "
                                             "the partition's candidates (a broken judge or rubric must not feed "
@@ -28,7 +29,8 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
                   judge: JudgeResource, clip: ClipResource) -> dg.MaterializeResult:
     """Labels every candidate of the partition. Labels are written in parts keyed by (candidate_id, judge_id), so
     a crash resumes from the rows already labelled and a changed rubric or judge model re-labels. A row that
-    cannot be scored keeps its status (image_error, parse_error) and error instead of being dropped or zeroed."""
+    cannot be scored keeps its status (image_error, parse_error, reward_error: a NaN/inf among its rewards) and
+    error instead of being dropped, zeroed or clamped."""
     import polars as pl
 
     from labelers.diagnostics import diagnostics_markdown, judge_clip_agreement
@@ -105,6 +107,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
             "labelled_now": relabelled,
             "by_status": counts_md(by_status, "status"),
             "parse_error_rate": parse_errors / max(1, len(labels)),
+            "reward_errors": by_status.get("reward_error", 0),
             "mean_by_dimension": counts_md(means, "dimension", "mean"),
             "judge_clip_agreement": agreement,
             "best_and_worst": _extremes(ok, ok_images, prompts),

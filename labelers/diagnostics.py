@@ -2,7 +2,8 @@
 
 * :func:`score_histograms`: per rubric dimension, how many ``ok`` rows scored 0, 1, ..., 5 (a judge that always
   answers 3, or never uses the ends of the scale, shows at a glance).
-* :func:`parse_error_rate`: the fraction of judged rows whose answer stayed invalid after the retries.
+* :func:`parse_error_rate`: the fraction of judged rows whose answer stayed invalid after the retries
+  (``reward_error`` rows — a judged row with a NaN / inf among its rewards — were judged and count as such).
 * :func:`judge_clip_agreement`: over pairs of ``ok`` candidates of the same prompt, how often the candidate the
   judge scores higher (mean over its dimensions) is also the one with the higher ``lambda_harmonic``.
 * :func:`position_bias_rate`: for pairwise verdicts asked in both orders, how often the two answers pick the same
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from labelers.judge import STATUS_OK, STATUS_PARSE_ERROR, STATUSES
+from labelers.judge import STATUS_OK, STATUS_PARSE_ERROR, STATUS_REWARD_ERROR, STATUSES
 from labelers.rubrics import SCORE_MAX, SCORE_MIN
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,13 +84,18 @@ def status_counts(labels: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
-def parse_error_rate(labels: pl.DataFrame) -> float | None:
-    """``parse_error`` rows / rows that reached the judge (``ok`` + ``parse_error``).
+def _judged(counts: dict[str, int]) -> int:
+    return counts[STATUS_OK] + counts[STATUS_PARSE_ERROR] + counts[STATUS_REWARD_ERROR]
 
-    ``image_error`` rows never reach the model, so they count neither way. ``None`` when no row was judged.
+
+def parse_error_rate(labels: pl.DataFrame) -> float | None:
+    """``parse_error`` rows / rows that reached the judge (``ok`` + ``parse_error`` + ``reward_error``).
+
+    ``image_error`` rows never reach the model, so they count neither way; a ``reward_error`` row's judgement
+    parsed (its rewards did not), so it counts as judged. ``None`` when no row was judged.
     """
     counts = status_counts(labels)
-    judged = counts[STATUS_OK] + counts[STATUS_PARSE_ERROR]
+    judged = _judged(counts)
     return counts[STATUS_PARSE_ERROR] / judged if judged else None
 
 
@@ -190,7 +196,7 @@ def diagnostics_markdown(labels: pl.DataFrame, dimensions: Sequence[str] | None 
     agreement, position bias when ``verdicts`` are given), then one row per dimension with ``ok`` scores: the
     counts of 0..5, n and the mean of the counted scores."""
     counts = status_counts(labels)
-    judged = counts[STATUS_OK] + counts[STATUS_PARSE_ERROR]
+    judged = _judged(counts)
     by_status = ", ".join(f"{s} {n}" for s, n in counts.items())
     agreement = judge_clip_agreement(labels, min_margin=min_margin, dimensions=dimensions)
     lines = [

@@ -388,12 +388,14 @@ def _near_kept(j: int, hits: tuple[np.ndarray, np.ndarray, np.ndarray], kept: np
 # Label rows
 # ----------------------------------------------------------------------------------------------------------------
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """No usable reward: null, NaN or ±inf (a label row with a non-finite reward is ``reward_error``; an ``ok`` one
+    holding one breaks the contract, and is never ranked as the best or worst)."""
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
 def judge_failure(row: Mapping[str, Any]) -> Verdict:
     """Drop a label row whose judgement failed (``label_<status>`` for a status other than ``ok``, e.g.
-    ``label_parse_error``) or that has no reward (``missing_reward``: null or NaN)."""
+    ``label_parse_error``, ``label_reward_error``) or that has no reward (``missing_reward``: null, NaN or ±inf)."""
     status = row.get("status")
     if status != "ok":
         return False, f"label_{status or 'missing_status'}"
@@ -404,7 +406,7 @@ def judge_failure(row: Mapping[str, Any]) -> Verdict:
 
 def reward_at_least(threshold: float) -> Filter:
     """A filter keeping label rows with ``reward >= threshold`` (``below_reward_threshold``; ``missing_reward``
-    for a null or NaN reward)."""
+    for a null, NaN or infinite reward)."""
     threshold = float(threshold)
 
     def reward_filter(row: Mapping[str, Any]) -> Verdict:

@@ -13,7 +13,9 @@ under an arbitrary JSON schema (the pairwise judge, :mod:`labelers.pairwise`, us
 
 Every output goes through :func:`parse_judgement`. A bad output is retried (sampling, another seed) up to
 ``max_retries`` times and then reported as ``parse_error`` with the raw text and the reason — never a silent
-score. Items without a readable image are ``image_error`` and never reach the model.
+score. Whatever one answer holds (absurdly long numbers, absurd nesting, NaN, a non-integer score, a backend's
+:class:`BadAnswer`) it is that item's ``parse_error``, never an exception for the batch (:func:`safe_parse`,
+:func:`guarded_json_loads`). Items without a readable image are ``image_error`` and never reach the model.
 
 Messages put the rubric *and* the JSON schema in the system message (identical for every item of a task), then
 the images and the per-item text, so the shared prefix is as long as possible for prefix caching.
@@ -38,9 +40,18 @@ from labelers.rubrics import SCORE_MAX, SCORE_MIN, Rubric, load_rubric
 STATUS_OK = "ok"
 STATUS_PARSE_ERROR = "parse_error"
 STATUS_IMAGE_ERROR = "image_error"
-STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_IMAGE_ERROR)
+# Set by the labelling stage (not by a judge): a row whose rewards or scores hold a non-finite value (NaN, ±inf).
+STATUS_REWARD_ERROR = "reward_error"
+STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_IMAGE_ERROR, STATUS_REWARD_ERROR)
 
 FEEDBACK_MAX_CHARS = 120
+# Bounds on one answer, checked before / while decoding it (a judgement is a few hundred characters, two levels
+# deep, with one-digit integers): anything beyond is that item's parse_error, never an exception for the batch.
+MAX_ANSWER_CHARS = 65_536
+MAX_JSON_DEPTH = 16
+MAX_NUMBER_CHARS = 32
+# The JSON schema type of a score (see judgement_schema); "integer" also makes the parser reject 2.5.
+SCORE_TYPE = "integer"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -105,7 +116,7 @@ def judgement_schema(rubric: Rubric, feedback_max_chars: int = FEEDBACK_MAX_CHAR
     dim_schema = {
         "type": "object",
         "properties": {
-            "score": {"type": "integer", "minimum": SCORE_MIN, "maximum": SCORE_MAX},
+            "score": {"type": SCORE_TYPE, "minimum": SCORE_MIN, "maximum": SCORE_MAX},
             "feedback": {"type": "string", "pattern": feedback_pattern(feedback_max_chars)},
         },
         "required": ["score", "feedback"],
@@ -133,36 +144,146 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def decode_json_object(raw: Any) -> dict:
-    """A model's output as a JSON object, or :class:`JudgementParseError` naming what is wrong: not text, empty,
-    not JSON, truncated JSON, duplicate keys, not an object. A single surrounding Markdown code fence is tolerated,
-    and so are raw control characters inside strings (``strict=False``; callers clean the text fields)."""
+class BadAnswer(Exception):
+    """What a backend hands over in place of an answer it could not read (an HTTP answer that is not a chat
+    completion, say): the parsers report ``reason`` as that item's parse error and keep ``raw`` (text, possibly
+    empty) as its raw output, so the item is retried and then ``parse_error`` like any other bad answer."""
+
+    def __init__(self, reason: str, raw: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
+
+
+def answer_text(raw: Any, limit: int = MAX_ANSWER_CHARS) -> str:
+    """The text kept as an answer's raw output: ``raw`` when it is text (cut to ``limit`` characters, with a note
+    of how many were dropped), a :class:`BadAnswer`'s ``raw``, ``""`` for ``None``, else its ``repr`` (cut)."""
+    if isinstance(raw, BadAnswer):
+        raw = raw.raw
+    if raw is None:
+        return ""
     if not isinstance(raw, str):
-        raise JudgementParseError(f"output is {type(raw).__name__}, not text")
-    text = raw.strip()
-    if not text:
-        raise JudgementParseError("empty output")
-    fence = _FENCE_RE.match(text)
-    if fence:
-        text = fence.group(1).strip()
+        raw = repr(raw)
+    if len(raw) > limit:
+        return f"{raw[:limit]}...[{len(raw) - limit} more characters]"
+    return raw
+
+
+_JSON_SYNTAX_RE = re.compile(r'[\[\]{}"\\]')
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether the arrays/objects of the JSON ``text`` nest deeper than ``limit`` (brackets inside strings do not
+    count). One linear scan, no recursion: run before ``json.loads``, whose decoder recurses once per level."""
+    depth, in_string, escaped_at = 0, False, -1
+    for m in _JSON_SYNTAX_RE.finditer(text):
+        pos, c = m.start(), m.group()
+        if pos == escaped_at:
+            continue
+        if in_string:
+            if c == "\\":
+                escaped_at = pos + 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth = max(0, depth - 1)
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JudgementParseError(f"non-finite number {name} (not JSON)")
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_NUMBER_CHARS:
+        raise JudgementParseError(f"number with {digits} digits (more than {MAX_NUMBER_CHARS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise JudgementParseError(f"number with {len(text)} characters (more than {MAX_NUMBER_CHARS})")
+    value = float(text)
+    if not math.isfinite(value):
+        raise JudgementParseError(f"number {text} overflows to {value}")
+    return value
+
+
+def guarded_json_loads(text: str, max_chars: int = MAX_ANSWER_CHARS, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads(text)`` for text nobody vouches for; every failure is a :class:`JudgementParseError`.
+
+    Before decoding: at most ``max_chars`` characters and ``max_depth`` levels of nesting. While decoding:
+    ``NaN`` / ``Infinity`` / ``-Infinity`` are refused, numbers are at most :data:`MAX_NUMBER_CHARS` characters
+    (Python refuses to convert integers of over 4300 digits, and a long float overflows to ``inf``), object keys
+    are unique, raw control characters inside strings are tolerated (``strict=False``; callers clean the text
+    fields). Whatever still goes wrong inside the decoder (``RecursionError``, ``ValueError``,
+    ``OverflowError``) becomes a parse error too."""
+    if len(text) > max_chars:
+        raise JudgementParseError(f"output too long ({len(text)} characters, at most {max_chars})")
+    if json_depth_exceeds(text, max_depth):
+        raise JudgementParseError(f"JSON nested deeper than {max_depth} levels")
     try:
-        data = json.loads(text, strict=False, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(text, strict=False, object_pairs_hook=_no_duplicate_keys, parse_int=_parse_int,
+                          parse_float=_parse_float, parse_constant=_refuse_constant)
     except JudgementParseError:
         raise
     except json.JSONDecodeError as e:
         if e.pos >= len(text) or e.msg.startswith("Unterminated string"):
             raise JudgementParseError(f"truncated JSON ({e.msg} at char {e.pos} of {len(text)})") from None
         raise JudgementParseError(f"not JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
+    except (RecursionError, ValueError, OverflowError, TypeError) as e:
+        raise JudgementParseError(f"undecodable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def decode_json_object(raw: Any) -> dict:
+    """A model's output as a JSON object, or :class:`JudgementParseError` naming what is wrong: not text (or a
+    backend's :class:`BadAnswer`), empty, too long, nested too deep, not JSON, truncated JSON, a non-finite or
+    absurdly long number, duplicate keys, not an object (see :func:`guarded_json_loads`). A single surrounding
+    Markdown code fence is tolerated, and so are raw control characters inside strings."""
+    if isinstance(raw, BadAnswer):
+        raise JudgementParseError(raw.reason)
+    if not isinstance(raw, str):
+        raise JudgementParseError(f"output is {type(raw).__name__}, not text")
+    text = raw.strip()
+    if not text:
+        raise JudgementParseError("empty output")
+    if len(text) > MAX_ANSWER_CHARS:  # before the fence regex, too
+        raise JudgementParseError(f"output too long ({len(text)} characters, at most {MAX_ANSWER_CHARS})")
+    fence = _FENCE_RE.match(text)
+    if fence:
+        text = fence.group(1).strip()
+    data = guarded_json_loads(text)
     if not isinstance(data, dict):
         raise JudgementParseError(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def safe_parse(parse: Any, raw: Any, *args: Any) -> Any:
+    """``parse(raw, *args)`` with any failure turned into a :class:`JudgementParseError`: the parsers raise only
+    that by design, and should a hostile answer still break one (``RecursionError``, ``ValueError``, ...), the
+    answer is that item's parse error, retried and reported, never an exception for the whole batch."""
+    try:
+        return parse(raw, *args)
+    except JudgementParseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one answer must not fail the batch
+        raise JudgementParseError(f"unreadable answer ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[str, str]]:
     """Validate a judge output against ``rubric``; returns ``(scores, feedback)`` keyed by dimension.
 
     Raises :class:`JudgementParseError` on: empty output, text that is not JSON, truncated JSON, a non-object,
-    duplicate / missing / unexpected keys, a score that is not a number in [0, 5] (booleans and NaN included),
+    anything :func:`decode_json_object` refuses (too long, too deep, NaN / Infinity, absurdly long numbers),
+    duplicate / missing / unexpected keys, a score that is not a number in [0, 5] (booleans included) or not an
+    integer (the schema's ``"type": "integer"``; ``3.0`` is one, as JSON Schema has it, ``2.5`` is not),
     feedback that is not a string. A single surrounding Markdown code fence (```json ... ```) is tolerated —
     unconstrained backends (an OpenAI-compatible endpoint) often add one. Pure function.
     """
@@ -189,8 +310,10 @@ def parse_judgement(raw: str, rubric: Rubric) -> tuple[dict[str, float], dict[st
         score = entry["score"]
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise JudgementParseError(f"{name}: score {score!r} is not a number")
-        if not math.isfinite(score) or not SCORE_MIN <= score <= SCORE_MAX:
+        if (isinstance(score, float) and not math.isfinite(score)) or not SCORE_MIN <= score <= SCORE_MAX:
             raise JudgementParseError(f"{name}: score {score!r} outside [{SCORE_MIN}, {SCORE_MAX}]")
+        if SCORE_TYPE == "integer" and score != int(score):
+            raise JudgementParseError(f"{name}: score {score!r} is not an integer")
         fb = entry["feedback"]
         if not isinstance(fb, str):
             raise JudgementParseError(f"{name}: feedback is {type(fb).__name__}, not a string")
@@ -402,14 +525,14 @@ class _JudgeBase:
                     if len(raws) != len(chunk):
                         raise RuntimeError(f"judge backend returned {len(raws)} outputs for {len(chunk)} prompts")
                     for (idx, it), raw in zip(chunk, raws):
-                        try:
-                            scores, feedback = parse_judgement(raw, rubric)
+                        try:  # whatever the answer holds, it is this item's parse error at worst
+                            scores, feedback = safe_parse(parse_judgement, raw, rubric)
                         except JudgementParseError as e:
-                            last[idx] = (raw, e.reason)
+                            last[idx] = (answer_text(raw), e.reason)
                             failed.append((idx, it))
                             continue
                         results[idx] = JudgeResult(
-                            key=it.key, status=STATUS_OK, scores=scores, feedback=feedback, raw=raw,
+                            key=it.key, status=STATUS_OK, scores=scores, feedback=feedback, raw=answer_text(raw),
                             attempts=attempt + 1,
                         )
                 pending = failed

@@ -15,6 +15,12 @@ Transport errors: 429 and 5xx answers, connection errors and timeouts are retrie
 exponential backoff and jitter, or after the server's ``Retry-After`` / ``retry-after-ms`` when it sends one.
 Any other 4xx fails at once with :class:`OpenAIHTTPError` naming the status and the server's message.
 
+Bad answers: a 2xx answer for one item that is not a chat completion (a body that is not JSON, nested absurdly
+deep, with numbers Python will not convert, without ``choices[0].message``) is that item's answer, unreadable: it
+goes to the driver as a :class:`labelers.judge.BadAnswer`, so the item is retried under the driver's
+``max_retries`` and then ``parse_error`` with the reason, like any answer that fails to parse; the other items
+of the batch are unaffected. (``list_models`` raises :class:`MalformedAnswerError` instead.)
+
 The API key
 -----------
 The key goes into the ``Authorization: Bearer`` header and nowhere else: it is held in a :class:`Secret` whose
@@ -40,18 +46,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from labelers.judge import FEEDBACK_MAX_CHARS, JudgeItem, _JudgeBase, build_messages, judgement_schema
+from labelers.judge import (
+    FEEDBACK_MAX_CHARS,
+    BadAnswer,
+    JudgeItem,
+    _JudgeBase,
+    build_messages,
+    json_depth_exceeds,
+    judgement_schema,
+)
 from labelers.rubrics import Rubric
 
 log = logging.getLogger(__name__)
 
 #: Retry-After values above this are capped (a misconfigured server should not park a run for hours).
 MAX_RETRY_AFTER_S = 300.0
+#: Bounds on one HTTP answer's JSON body (a chat completion is a few kB, five levels deep).
+MAX_BODY_CHARS = 16 * 1024 * 1024
+MAX_BODY_DEPTH = 64
 
 
 class OpenAIJudgeError(RuntimeError):
-    """The endpoint gave no usable answer: retries exhausted, a malformed response, or (subclass) an HTTP error
-    that is not retried."""
+    """The endpoint gave no usable answer: retries exhausted, or (subclasses) an HTTP error that is not retried, a
+    malformed 2xx answer (:class:`MalformedAnswerError`; for a chat completion, that item's parse error)."""
 
 
 class OpenAIHTTPError(OpenAIJudgeError):
@@ -61,6 +78,16 @@ class OpenAIHTTPError(OpenAIJudgeError):
         super().__init__(message)
         self.status = status
         self.server_message = server_message
+
+
+class MalformedAnswerError(OpenAIJudgeError):
+    """A 2xx answer that is not what the endpoint should send (body not JSON, absurdly nested, not an object, no
+    ``choices[0].message``). For a chat completion the driver turns it into the item's ``parse_error``."""
+
+    def __init__(self, message: str, raw: str = ""):
+        super().__init__(message)
+        self.reason = message
+        self.raw = raw
 
 
 class Secret:
@@ -215,6 +242,15 @@ def to_openai_messages(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _token_count(value: Any) -> int:
+    """A ``usage`` token count as an int: 0 unless it is a finite, non-negative, not absurdly large number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if value != value or not 0 <= value < 2**53:  # NaN, ±inf, negative, absurdly large
+        return 0
+    return int(value)
+
+
 _NAME_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -322,7 +358,9 @@ class OpenAIJudge(_JudgeBase):
         """One completion per conversation in ``messages_list`` (``build_messages``-style or OpenAI-style parts),
         constrained to ``schema`` (``response_format`` json_schema, strict); the raw texts, in order. ``attempt``
         0 decodes at ``temperature``, later attempts sample at ``retry_temperature``; the request seed is
-        ``self.seed + 1_000_003 * attempt + seed``. Transport failures raise :class:`OpenAIJudgeError`."""
+        ``self.seed + 1_000_003 * attempt + seed``. Transport failures raise :class:`OpenAIJudgeError`; an answer that
+        is not a chat completion comes back as a :class:`labelers.judge.BadAnswer` in its place (the parsers report
+        it as that conversation's parse error)."""
         return self._run(lambda: self.agenerate_structured(messages_list, schema, attempt, seed))
 
     async def agenerate_structured(self, messages_list: list[list[dict]], schema: dict, attempt: int = 0,
@@ -389,11 +427,14 @@ class OpenAIJudge(_JudgeBase):
         semaphore = asyncio.Semaphore(self.max_concurrency)
         async with self._client() as client:
 
-            async def one(messages: list[dict]) -> str:
+            async def one(messages: list[dict]) -> str | BadAnswer:
                 async with semaphore:
                     # PNG encoding + JSON off the event loop, so encoding overlaps with requests in flight
                     body = await asyncio.to_thread(self._payload, messages, schema, name, temperature, seed)
-                    data = await self._request(client, "POST", self.chat_url, body)
+                    try:
+                        data = await self._request(client, "POST", self.chat_url, body)
+                    except MalformedAnswerError as e:  # this item's answer is unreadable: its parse error
+                        return BadAnswer(str(e), e.raw)
                 return self._content(data)
 
             tasks = [asyncio.ensure_future(one(m)) for m in messages_list]
@@ -414,22 +455,27 @@ class OpenAIJudge(_JudgeBase):
             data = await self._request(client, "GET", f"{self.base_url}/models", None)
         return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
 
-    def _content(self, data: dict) -> str:
-        usage = data.get("usage") or {}
-        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens += int(usage.get("completion_tokens") or 0)
+    def _content(self, data: dict) -> str | BadAnswer:
+        """The answer text of a chat completion, or a :class:`BadAnswer` when ``data`` is not one (the driver
+        reports it as the item's parse error). Token counts that are not plain numbers count as 0."""
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        self.prompt_tokens += _token_count(usage.get("prompt_tokens"))
+        self.completion_tokens += _token_count(usage.get("completion_tokens"))
         try:
             message = data["choices"][0]["message"]
         except (KeyError, IndexError, TypeError):
-            raise OpenAIJudgeError(
-                f"{safe_url(self.chat_url)}: answer without choices[0].message: {self._redact(str(data)[:300])}"
-            ) from None
+            message = None
+        if not isinstance(message, dict):
+            text = self._redact(str(data)[:300])
+            return BadAnswer(f"{safe_url(self.chat_url)}: answer without choices[0].message: {text}", text)
         content = message.get("content")
         if content is None:  # a refusal, or a server that put nothing there: the parser reports it
             content = message.get("refusal") or ""
         if isinstance(content, list):  # content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return content if isinstance(content, str) else BadAnswer(
+            f"message content is {type(content).__name__}, not text", self._redact(repr(content)[:300]))
 
     async def _request(self, client: Any, method: str, url: str, body: bytes | None) -> dict:
         import tenacity
@@ -490,11 +536,29 @@ class OpenAIJudge(_JudgeBase):
             msg = self._redact(server_message(response))
             raise OpenAIHTTPError(f"{method} {safe_url(url)} answered HTTP {status} "
                                   f"({response.reason_phrase or 'error'}): {msg}", status, msg)
+        return self._decode_body(response, method, url)
+
+    def _decode_body(self, response: Any, method: str, url: str) -> dict:
+        """The JSON object of a 2xx answer, or :class:`MalformedAnswerError`: a body that is too long, nested
+        deeper than :data:`MAX_BODY_DEPTH`, not JSON (numbers Python refuses to convert included), or not an
+        object. The depth is checked before decoding (the decoder recurses once per level)."""
+        status = response.status_code
+        where = f"{method} {safe_url(url)}: HTTP {status}"
         try:
-            data = response.json()
-        except ValueError:
-            raise OpenAIJudgeError(f"{method} {safe_url(url)}: HTTP {status} with a body that is not JSON: "
-                                   f"{self._redact(response.text[:200])!r}") from None
+            text = response.text
+        except Exception as e:  # noqa: BLE001 - an undecodable body is a malformed answer
+            raise MalformedAnswerError(f"{where} with an unreadable body ({type(e).__name__})") from None
+        head = self._redact(text[:200])
+        if len(text) > MAX_BODY_CHARS:
+            raise MalformedAnswerError(f"{where} with a body of {len(text)} characters (at most {MAX_BODY_CHARS})",
+                                       head)
+        if json_depth_exceeds(text, MAX_BODY_DEPTH):
+            raise MalformedAnswerError(f"{where} with a body nested deeper than {MAX_BODY_DEPTH} levels", head)
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError, OverflowError, TypeError) as e:
+            raise MalformedAnswerError(f"{where} with a body that is not JSON ({type(e).__name__}: "
+                                       f"{self._redact(str(e)[:120])}): {head!r}", head) from None
         if not isinstance(data, dict):
-            raise OpenAIJudgeError(f"{method} {safe_url(url)}: expected a JSON object, got {type(data).__name__}")
+            raise MalformedAnswerError(f"{where}: expected a JSON object, got {type(data).__name__}", head)
         return data

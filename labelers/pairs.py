@@ -203,7 +203,7 @@ def _usable_candidates(labels: Any, has_sha: bool, dimensions: list[str], drops:
     import polars as pl
 
     usable_mask = (
-        (pl.col("status") == "ok") & pl.col("reward").is_not_null() & pl.col("reward").cast(pl.Float64).is_not_nan()
+        (pl.col("status") == "ok") & pl.col("reward").is_not_null() & pl.col("reward").cast(pl.Float64).is_finite()
         & pl.col("prompt_id").is_not_null() & pl.col("candidate_id").is_not_null()
     )
     columns = [

@@ -38,8 +38,10 @@ from labelers.judge import (
     STATUS_OK,
     STATUS_PARSE_ERROR,
     JudgementParseError,
+    answer_text,
     decode_json_object,
     load_conditioning,
+    safe_parse,
     _image_part,
     _load_image,
     _text_part,
@@ -212,7 +214,8 @@ def parse_verdict(raw: str) -> tuple[str, str]:
     """Validate a pairwise answer; returns ``(verdict, reason)`` with verdict in ``A``/``B``/``tie``.
 
     Tolerates one surrounding Markdown code fence and the verdict's case (``"a"``, ``"TIE"``); raises
-    :class:`~labelers.judge.JudgementParseError` on empty or non-JSON text, truncated JSON, a non-object,
+    :class:`~labelers.judge.JudgementParseError` on empty or non-JSON text, truncated JSON, a non-object, what
+    :func:`~labelers.judge.decode_json_object` refuses (too long, too deep, NaN / Infinity, absurd numbers),
     duplicate / missing / unexpected keys, a verdict outside A/B/tie, or a reason that is not a string.
     Control characters in the reason are collapsed to spaces. Pure function.
     """
@@ -354,9 +357,9 @@ class PairwiseJudge:
                 raise RuntimeError(f"judge backend returned {len(outs)} outputs for {len(pending)} prompts")
             failed = []
             for k, raw in zip(pending, outs):
-                raws[k], attempts[k] = raw, attempt + 1
-                try:
-                    parsed[k] = parse_verdict(raw)
+                raws[k], attempts[k] = answer_text(raw), attempt + 1
+                try:  # whatever the answer holds, it is this order's parse error at worst
+                    parsed[k] = safe_parse(parse_verdict, raw)
                 except JudgementParseError as e:
                     errors[k] = e.reason
                     failed.append(k)

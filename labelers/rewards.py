@@ -3,9 +3,11 @@
 * ``lambda_harmonic(CLIP_I, CLIP_T, λ) = 1 / (λ / CLIP_I + (1 - λ) / CLIP_T)``. Cosine similarities can be ≤ 0
   (always possible with random models, occasionally with real ones), where the harmonic mean is undefined, so
   both are clamped to ``[eps, 1]`` first. ``λ = 0`` or a missing CLIP_I (a t2i prompt has no reference) gives
-  CLIP_T; ``λ = 1`` gives CLIP_I.
+  CLIP_T; ``λ = 1`` gives CLIP_I. Only finite values are clamped: a NaN or infinite similarity is a broken
+  score, not a perfect one, and makes the result NaN (the stage then marks the row ``reward_error``).
 * ``drs_sharpen(s, n_refs) = σ(k · (s - τ))`` with ``k = k0 + k1 · (n_refs - 2)``, elementwise over the
-  per-reference similarities; the caller averages the result into a sharpened CLIP_I.
+  per-reference similarities; the caller averages the result into a sharpened CLIP_I. A non-finite similarity
+  sharpens to NaN (not σ(±∞) = 1 or 0), so the mean is NaN too.
 * ``aggregate_reward`` mixes the judge (mean of 0–5 scores, scaled to [0, 1]) and the CLIP term.
 """
 
@@ -22,14 +24,17 @@ SCORE_MAX = 5.0
 
 
 def _clamp(x: Any, eps: float) -> Any:
-    arr = np.clip(np.asarray(x, dtype=np.float64), eps, 1.0)
+    """``x`` clamped to ``[eps, 1]``; a non-finite value becomes NaN instead (never clamped into range)."""
+    arr = np.asarray(x, dtype=np.float64)
+    arr = np.where(np.isfinite(arr), np.clip(arr, eps, 1.0), np.nan)
     return float(arr) if arr.ndim == 0 else arr
 
 
 def lambda_harmonic(clip_i: Any | None, clip_t: Any, lam: float, eps: float = 1e-6) -> Any:
     """λ-weighted harmonic mean of image-reference (CLIP_I) and image-text (CLIP_T) similarity.
 
-    Scalars give a float, arrays broadcast. ``clip_i=None`` (no references) returns the clamped CLIP_T.
+    Scalars give a float, arrays broadcast. ``clip_i=None`` (no references) returns the clamped CLIP_T. A NaN
+    or infinite input (where it is used) gives NaN, never a value clamped into ``[eps, 1]``.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -52,7 +57,10 @@ def drs_sharpen(sims: Any, n_refs: int, k0: float = 10.0, k1: float = 3.0, tau: 
     """Dynamic reward sharpening ``σ(k · (s - τ))``, elementwise (float in, float out; sequences -> array).
     Defaults are DyRef's released code: ``k = 10 + 3·(n_refs - 2)``, ``τ = 0.65``."""
     k = drs_k(n_refs, k0, k1)
-    return stable_sigmoid(k * (np.asarray(sims, dtype=np.float64) - tau))
+    sims = np.asarray(sims, dtype=np.float64)
+    finite = np.isfinite(sims)
+    out = stable_sigmoid(k * (np.where(finite, sims, tau) - tau))
+    return np.where(finite, out, np.nan) if np.ndim(out) else (out if bool(finite) else float("nan"))
 
 
 def drs_clip_i(per_ref: Any, k0: float = 10.0, k1: float = 3.0, tau: float = 0.65) -> float | None:

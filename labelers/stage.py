@@ -15,16 +15,23 @@ Per candidate:
   configured the mean of the DRS-sharpened per-reference similarities;
 * ``reward`` = ``aggregate_reward(judge scores, lambda_harmonic, judge_weight, clip_weight)`` for ``ok`` rows;
   ``null`` for every other status (a judge ``parse_error`` keeps its CLIP scores, raw output and reason, but
-  gets no reward, so pair selection skips it).
+  gets no reward, so pair selection skips it);
+* a row that would be ``ok`` but holds a non-finite value (NaN, ±inf) in any of its numbers — ``clip_t``,
+  ``clip_i``, an entry of ``clip_i_per_ref``, ``lambda_harmonic``, ``preference_score``, a judge score, the
+  reward — is ``reward_error`` instead: no reward, ``error`` naming every such field and value
+  (``non-finite reward value(s): clip_t=nan, lambda_harmonic=nan, reward=nan``), the stored values left as
+  they came (never clamped into range) for diagnosis.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from labelers.hashing import content_id
-from labelers.judge import STATUS_IMAGE_ERROR, STATUS_OK, JudgeItem, prepare_item
+from labelers.judge import STATUS_IMAGE_ERROR, STATUS_OK, STATUS_REWARD_ERROR, JudgeItem, prepare_item
 from labelers.rewards import aggregate_reward, drs_clip_i
 from labelers.rewards import lambda_harmonic as lambda_harmonic_fn
 from labelers.rubrics import all_dimensions
@@ -66,6 +73,29 @@ def label_schema(dimensions: Sequence[str] | None = None) -> dict:
         }
     )
     return schema
+
+
+def non_finite_values(row: Mapping[str, Any], dimensions: Sequence[str] = ()) -> list[str]:
+    """``name=value`` of every non-finite number among a label row's rewards and scores: ``clip_t``, ``clip_i``,
+    ``clip_i_per_ref[k]``, ``lambda_harmonic``, ``preference_score``, ``reward`` and the ``dimensions`` columns
+    (nulls are not numbers and do not count)."""
+
+    def bad(value: Any) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral):  # ints are finite
+            return False
+        return not math.isfinite(value)
+
+    out = []
+    for name in ("clip_t", "clip_i"):
+        if bad(row.get(name)):
+            out.append(f"{name}={row[name]!r}")
+    for k, value in enumerate(row.get("clip_i_per_ref") or ()):
+        if bad(value):
+            out.append(f"clip_i_per_ref[{k}]={value!r}")
+    for name in ("lambda_harmonic", "preference_score", *dimensions, "reward"):
+        if bad(row.get(name)):
+            out.append(f"{name}={row[name]!r}")
+    return out
 
 
 class LabelingStage:
@@ -211,4 +241,8 @@ class LabelingStage:
                     row["reward"] = float((self.judge_weight + self.clip_weight) * mean)
                 else:
                     row["reward"] = float(aggregate_reward(judge_scores, lam_h, self.judge_weight, self.clip_weight))
+                bad = non_finite_values(row, self.dimensions)
+                if bad:  # a NaN / inf anywhere: no reward, and the row says which value broke it
+                    row.update(status=STATUS_REWARD_ERROR, reward=None,
+                               error=f"non-finite reward value(s): {', '.join(bad)}")
         return out

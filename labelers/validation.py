@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from labelers.judge import STATUS_OK, STATUSES
 from labelers.rubrics import all_dimensions, load_rubric
 
@@ -11,7 +14,8 @@ REQUIRED = ("candidate_id", "prompt_id", "judge_id", "clip_t", "clip_i", "clip_i
 
 def label_problems(labels, task_by_prompt: dict[str, str], max_examples: int = 5) -> list[str]:
     """Missing columns, unknown statuses, ok rows without a reward or with a score outside 0–5 on one of their
-    task's dimensions, failed rows without an error message, duplicate (candidate_id, judge_id) keys."""
+    task's dimensions, ok rows holding a non-finite number (NaN, ±inf) in any column or list entry, failed rows
+    without an error message, duplicate (candidate_id, judge_id) keys."""
     import polars as pl
 
     columns = list(REQUIRED) + [c for d in all_dimensions() for c in (d, f"{d}_feedback")]
@@ -33,7 +37,11 @@ def label_problems(labels, task_by_prompt: dict[str, str], max_examples: int = 5
         problems.append(f"{ok['reward'].null_count()} ok rows without a reward")
     dims_by_task: dict[str, tuple[str, ...]] = {}
     bad: list[str] = []
+    non_finite: list[str] = []
     for row in ok.iter_rows(named=True):
+        found = [f"{name}={value!r}" for name, value in _non_finite(row)]
+        if found:
+            non_finite.append(f"{row['candidate_id']}: {', '.join(found)}")
         task = task_by_prompt.get(row["prompt_id"])
         if task is None:
             bad.append(f"{row['candidate_id']}: prompt {row['prompt_id']} unknown")
@@ -46,4 +54,24 @@ def label_problems(labels, task_by_prompt: dict[str, str], max_examples: int = 5
                 bad.append(f"{row['candidate_id']}: {dim}={score!r}")
     if bad:
         problems.append(f"{len(bad)} ok rows with missing or out-of-range scores, e.g. {bad[:max_examples]}")
+    if non_finite:
+        problems.append(f"{len(non_finite)} ok rows with non-finite values (they should be reward_error), e.g. "
+                        f"{non_finite[:max_examples]}")
     return problems
+
+
+def _is_non_finite(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral):
+        return False
+    return not math.isfinite(value)
+
+
+def _non_finite(row: dict) -> list[tuple[str, float]]:
+    """``(column, value)`` of every NaN / ±inf in ``row``, list columns entry by entry (``column[k]``)."""
+    out = []
+    for name, value in row.items():
+        if isinstance(value, (list, tuple)):
+            out += [(f"{name}[{k}]", v) for k, v in enumerate(value) if _is_non_finite(v)]
+        elif _is_non_finite(value):
+            out.append((name, value))
+    return out

@@ -74,68 +74,128 @@ def _dump(cursor: dict) -> str:
 def prompt_inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult | dg.SkipReason:
     """Adds a ``prompt_batches`` partition per new batch file in the inbox (a directory or an fsspec URL) and
     requests its run. A file that is not a batch (not UTF-8, no JSON object line, a name clashing with another
-    file's) is reported once — a warning in the sensor's log and in its skip message — and skipped until the file
-    changes; it never stops the other files nor crashes the daemon."""
-    from pipelines.inbox import batch_file_problem, list_inbox, read_batch
+    file's, a symlink out of the inbox, not a regular file) is reported once — a warning in the sensor's log and in
+    its skip message — and skipped until the file changes; it never stops the other files nor crashes the daemon.
+
+    A registered file whose content changed (its sha256 differs from the ``source_sha256`` of the partition's
+    latest materialization, or, before one exists, from the content this sensor requested the run for) is reported
+    once per content and its partition re-run (run key ``<key>@<sha256 prefix>``): the partition stays the batch
+    file's, not a second partition beside the old one (content-hashed ids make the re-run redo only what changed,
+    and drop what was removed). A file is read again only when its listed fingerprint changes."""
+    from pipelines.inbox import (batch_file_problem, content_sha256, default_limits, ingested_sha256, list_inbox,
+                                 read_batch, shown)
 
     inbox = storage.inbox_dir
     cursor = _load_cursor(context)
     reported: dict[str, str] = cursor.get("reported", {})
+    checked: dict[str, str] = cursor.get("checked", {})  # key -> the file fingerprint last compared
+    requested: dict[str, str] = cursor.get("requested", {})  # key -> sha256 of the content a run was requested for
     try:
         files, problems = list_inbox(inbox)
     except Exception as exc:  # noqa: BLE001 - an unreachable inbox is reported, never a daemon crash
-        return dg.SkipReason(f"inbox {inbox} cannot be listed: {type(exc).__name__}: {exc}")
+        return dg.SkipReason(f"inbox {shown(inbox)} cannot be listed: {type(exc).__name__}: {shown(exc)}")
     known = set(context.instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
-    new_reports, fresh = [], []
+    limits = default_limits()
+    new_reports, changes, fresh, reruns = [], [], [], []
     for problem in problems:
         if reported.get(problem) != "collision":
             new_reports.append(problem)
             reported[problem] = "collision"
     for key, file in sorted(files.items()):
-        if key in known:
-            continue
-        if reported.get(file.url) == file.fingerprint:
-            continue  # reported before and unchanged since
         try:
-            problem = batch_file_problem(read_batch(file))
-        except OSError as exc:
-            problem = f"cannot be read: {exc}"
+            if key in known:
+                if checked.get(key) == file.fingerprint:
+                    continue
+                digest = content_sha256(read_batch(file))
+                # what the partition holds; before its first materialization, what its run was requested for
+                before = ingested_sha256(context.instance, key) or requested.get(key)
+                checked[key] = file.fingerprint
+                if before and before != digest:
+                    changes.append(f"{shown(file.url)}: content changed since partition {key!r} took it "
+                                   f"(sha256 {before[:16]} -> {digest[:16]}); re-running the partition")
+                    reruns.append(dg.RunRequest(partition_key=key, run_key=f"{key}@{digest[:16]}",
+                                                tags={"prefmill/trigger": f"inbox file changed: {digest[:16]}"}))
+                    requested[key] = digest
+                continue
+            if reported.get(file.url) == file.fingerprint:
+                continue  # reported before and unchanged since
+            try:
+                data = read_batch(file)
+                problem = batch_file_problem(data, limits)
+                if not problem:
+                    requested[key], checked[key] = content_sha256(data), file.fingerprint
+            except Exception as exc:  # noqa: BLE001 - an unreadable file is reported like an unusable one
+                problem = f"cannot be read: {type(exc).__name__}: {shown(exc)}"
+        except Exception as exc:  # noqa: BLE001 - one file never fails the tick
+            problem = f"cannot be checked: {type(exc).__name__}: {shown(exc)}"
+            if key in known:
+                if reported.get(file.url) != file.fingerprint:
+                    new_reports.append(f"{shown(file.url)}: {problem}")
+                    reported[file.url] = file.fingerprint
+                continue
         if problem:
-            new_reports.append(f"{file.url}: {problem}")
+            new_reports.append(f"{shown(file.url)}: {problem}")
             reported[file.url] = file.fingerprint
         else:
             fresh.append(key)
     for report in new_reports:
         context.log.warning(f"inbox file skipped: {report}")
+    for change in changes:
+        context.log.warning(f"inbox file changed: {change}")
     cursor["reported"] = reported
-    if not fresh:
+    cursor["checked"] = checked
+    cursor["requested"] = requested
+    if not fresh and not reruns:
         detail = f"; skipped: {' | '.join(new_reports)}" if new_reports else ""
         context.update_cursor(_dump(cursor))
-        return dg.SkipReason(f"no new batch files in {inbox}{detail}")
+        return dg.SkipReason(f"no new batch files in {shown(inbox)}{detail}")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in fresh],
-        dynamic_partitions_requests=[prompt_batch_partitions.build_add_request(fresh)],
+        run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in fresh] + reruns,
+        dynamic_partitions_requests=[prompt_batch_partitions.build_add_request(fresh)] if fresh else [],
         cursor=_dump(cursor),
     )
 
 
 def _active_runs(instance, job_name: str) -> int:
+    """Runs of ``job_name`` queued or in progress, leaving out runs whose processes are known to be gone (a run
+    killed with SIGKILL stays STARTED in the instance; ``pipelines.recovery`` tells)."""
     from dagster import DagsterRunStatus, RunsFilter
+
+    from pipelines.recovery import run_is_dead
 
     statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
                 DagsterRunStatus.STARTED]
-    return len(instance.get_run_records(RunsFilter(job_name=job_name, statuses=statuses), limit=50))
+    records = instance.get_run_records(RunsFilter(job_name=job_name, statuses=statuses), limit=50)
+    return sum(1 for record in records if not run_is_dead(instance, record.dagster_run))
+
+
+def _recover_dead_runs(context) -> None:
+    """The daemon's periodic recovery of launched runs on this host whose run worker is gone (the default run
+    launcher gives run monitoring no health check for them): reported failed, pool slots freed. Never fails the
+    tick."""
+    from pipelines.recovery import recover_dead_runs
+
+    try:
+        recovery = recover_dead_runs(context.instance, log=context.log.warning)
+    except Exception as exc:  # noqa: BLE001 - a recovery problem must not stop the corpora
+        context.log.warning(f"recovery of dead runs skipped: {type(exc).__name__}: {exc}")
+        return
+    if recovery.failed or recovery.freed:
+        context.log.warning(f"recovered dead runs: {recovery.summary()}")
 
 
 @dg.sensor(job=corpora_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def corpus_refresh_sensor(context: dg.SensorEvaluationContext, storage: StorageResource,
                           profile: ProfileResource) -> dg.RunRequest | dg.SkipReason:
     """Requests a corpora rebuild when the labelled partitions on disk differ from what the latest corpus versions
-    were built from (a new batch, or a re-labelled one) and no batch is still being labelled."""
+    were built from (a new batch, or a re-labelled one) and no batch is still being labelled. A batch run whose
+    processes are gone (killed: still STARTED in the instance) is not "still labelling": each tick first reports
+    such runs of this host failed and frees their pool slots (``pipelines.recovery``)."""
     from labelers.hashing import content_id
     from pipelines.catalog import finished_partitions, input_fingerprints
     from pipelines.corpora import CorpusStore
 
+    _recover_dead_runs(context)
     layout = storage.layout
     state = {}
     stale = []

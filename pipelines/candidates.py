@@ -58,6 +58,20 @@ def _shard_tables(shard_dir: Path):
     return sorted(shard_dir.glob("[0-9]" * 6 + ".parquet"))
 
 
+def remove_partition_temps(shard_dir: Path, started_at: float | None = None,
+                           log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove what killed writers left in ``shard_dir``: half-written shards and sidecar tables
+    (``.NNNNNN.tar.tmp-<pid>@<host>.*.tmp``, ``.NNNNNN.parquet...``), and in the partition folder above a
+    ``shards`` folder, the temp of ``candidates.parquet``. Only temps whose owner process is gone (or, naming
+    none, that are older than ``started_at``) go: see :func:`pipelines.io.remove_stale_temps`."""
+    from pipelines.io import remove_stale_temps
+
+    removed = remove_stale_temps(shard_dir, started_at, log)
+    if shard_dir.name == "shards":
+        removed += remove_stale_temps(shard_dir.parent, started_at, log)
+    return removed
+
+
 def load_done(shard_dir: Path):
     """Candidates already stored (from the sidecar tables of whole shards). Orphan tars (a crash between the tar
     and its sidecar) are removed so their number is reused."""
@@ -102,6 +116,7 @@ def generate_partition(
     from pipelines.io import encode_image, write_parquet, write_shard
 
     shard_dir.mkdir(parents=True, exist_ok=True)
+    remove_partition_temps(shard_dir, log=log)
     done = load_done(shard_dir)
     done_ids = set(done["candidate_id"].to_list())
     todo = [c for c in plan if c["candidate_id"] not in done_ids]

@@ -39,26 +39,48 @@ def seed_inbox(inbox: Path) -> list[Path]:
 
 
 def register(inbox: Path) -> list[str]:
+    """Adds a partition per usable batch file and returns their keys. On stderr: ``skipped: <file>: <why>`` for
+    each file that cannot be a batch (one never stops the others), and ``changed: <file>: ...`` for a registered
+    file whose content differs from what its partition last ingested (the inbox sensor re-runs that partition;
+    or rematerialize it). Nothing is ever registered twice under another key."""
     from dagster import DagsterInstance
 
+    from pipelines.inbox import (batch_file_problem, content_sha256, default_limits, ingested_sha256, list_inbox,
+                                 read_batch, shown)
     from pipelines.partitions import PROMPT_BATCH_PARTITIONS
-    from pipelines.inbox import batch_file_problem, list_inbox, read_batch
 
     files, problems = list_inbox(str(inbox))
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
-    keys = []
+    limits = default_limits()
+    keys, digests = [], {}
     for key, file in sorted(files.items()):
-        problem = batch_file_problem(read_batch(file))
+        try:
+            data = read_batch(file)
+            problem = batch_file_problem(data, limits)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file is reported, never fatal
+            problem = f"cannot be read: {type(exc).__name__}: {shown(exc)}"
         if problem:
-            print(f"skipped: {file.url}: {problem}", file=sys.stderr)
+            print(f"skipped: {shown(file.url)}: {problem}", file=sys.stderr)
         else:
             keys.append(key)
+            digests[key] = content_sha256(data)
     with DagsterInstance.get() as instance:
         known = set(instance.get_dynamic_partitions(PROMPT_BATCH_PARTITIONS))
         new = [k for k in keys if k not in known]
         if new:
             instance.add_dynamic_partitions(PROMPT_BATCH_PARTITIONS, new)
+        for key in keys:
+            if key not in known:
+                continue
+            try:
+                before = ingested_sha256(instance, key)
+            except Exception:  # noqa: BLE001 - no record to compare with: nothing to report
+                before = None
+            if before and before != digests[key]:
+                print(f"changed: {shown(files[key].url)}: content sha256 {digests[key][:16]}, partition {key!r} "
+                      f"ingested {before[:16]}; the inbox sensor re-runs it (or rematerialize the partition)",
+                      file=sys.stderr)
     return keys
 
 
@@ -112,7 +134,8 @@ def summary(root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary", "export-pickapic"])
+    parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary", "export-pickapic",
+                                            "recover"])
     parser.add_argument("--data", default=default_data_root())
     parser.add_argument("--inbox", default=None)
     export = parser.add_argument_group("export-pickapic")
@@ -128,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--soft-labels", choices=["round", "refuse"], default="round",
                         help="a label_0 other than 0, 0.5, 1: round it to the nearest (counted; default) or refuse "
                              "to export")
+    recover = parser.add_argument_group(
+        "recover", "mark the runs of this host whose processes are gone (killed: still STARTED) failed and free "
+                   "their pool slots, and the slots of runs that already ended; prints JSON (every run start does "
+                   "this too)")
+    recover.add_argument("--dry-run", action="store_true", help="only say what recover would do")
     args = parser.parse_args(argv)
+    if args.command == "recover":
+        return recover_runs(args.dry_run)
     if args.command == "export-pickapic":
         if not args.out:
             parser.error("export-pickapic needs --out DIR")
@@ -150,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summary(Path(args.data)))
     return 0
+
+
+def recover_runs(dry_run: bool = False) -> int:
+    """``recover``: :func:`pipelines.recovery.recover_command` on the instance at ``$DAGSTER_HOME``."""
+    from pipelines.recovery import recover_command
+
+    return recover_command(dry_run=dry_run)
 
 
 def export_pickapic_command(args: argparse.Namespace) -> dict:

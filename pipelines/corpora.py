@@ -30,7 +30,7 @@ import json
 import posixpath
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -114,10 +114,12 @@ class CorpusStore:
         destination on a local store (so the publishing rename stays on one filesystem), else a local temp file."""
         import tempfile
 
+        from pipelines.io import temp_prefix
+
         if self.local:
             final = Path(self._abs(rel))
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            fd, name = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=".tmp", dir=final.parent)
         else:
             fd, name = tempfile.mkstemp(prefix="prefmill-", suffix=".part")
         import os
@@ -148,6 +150,25 @@ class CorpusStore:
         finally:
             if staged.exists():
                 staged.unlink()
+
+    def remove_stale_temps(self, rels: Iterable[str], started_at: float | None = None,
+                           log: Callable[[str], None] | None = None) -> list[Path]:
+        """Remove the temps killed writers left in the folders ``rels`` of a local store (staged shards, segment
+        records, index, manifest, ``latest``): only those whose owner process is gone, or that name none and are
+        older than ``started_at`` (:func:`pipelines.io.remove_stale_temps`). A remote store stages in local temp
+        files that are never visible under the root; nothing to do there."""
+        from pipelines.io import remove_stale_temps
+
+        if not self.local:
+            return []
+        removed: list[Path] = []
+        for rel in rels:
+            removed += remove_stale_temps(Path(self._abs(rel)), started_at, log)
+        return removed
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._abs(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.open_atomic(rel) as handle:
@@ -287,12 +308,17 @@ class PartitionSource(Protocol):
 
 @dataclass
 class CorpusBuild:
+    """``written``: partitions whose shards this version holds itself (``<version>/shards``); ``reused``: those
+    referencing an older version's shards; ``resumed``: the part of ``written`` an interrupted earlier attempt at
+    this version had finished and this one kept (see :func:`build_corpus`)."""
+
     version: str
     url: str
     manifest: dict[str, Any]
     created: bool
     written: list[str]
     reused: list[str]
+    resumed: list[str] = field(default_factory=list)
 
 
 def build_corpus(
@@ -307,11 +333,30 @@ def build_corpus(
 ) -> CorpusBuild:
     """Build (or reuse) the version of ``corpus`` for ``inputs`` (partition -> fingerprint) and ``config``, then
     point ``latest`` at it. Unchanged leading partitions of the previous ``latest`` are referenced, finished
-    segments of an interrupted build of the same version are kept, everything else is written."""
+    segments of an interrupted build of the same version are kept, everything else is written.
+
+    The manifest says where each partition's shards come from, the same for a build that ran through and one
+    that resumed after a kill (at any point, including between a segment record and the manifest):
+
+    - ``written_partitions``: partitions whose shards this version wrote into its own ``shards/`` folder — in
+      this attempt, or in an interrupted earlier attempt at this same version (whose segment record, written
+      after the segment's shards, this attempt kept);
+    - ``reused_partitions``: partitions whose shards an older version wrote and this one references
+      (``../<old version>/shards/...``);
+    - ``resumed_partitions``: the part of ``written_partitions`` an interrupted attempt had finished (empty for
+      a build that ran start to end) — so a resumed build is recognisable, and its ``written_partitions`` still
+      equal those of a build that was never interrupted.
+
+    Temps left by a killed build (staged shards, records, index, manifest, ``latest``) are removed first when
+    their writer is gone (:meth:`CorpusStore.remove_stale_temps`)."""
+    import time
+
     import polars as pl
 
+    started_at = time.time()
     store = CorpusStore(corpus_root)
     version = corpus_version(corpus, inputs, config)
+    store.remove_stale_temps(["", version, f"{version}/shards", f"{version}/segments"], started_at, log)
     existing = store.manifest(version)
     if existing is not None:
         if store.latest() != version:
@@ -327,7 +372,7 @@ def build_corpus(
     next_seq = 0
     segments: dict[str, dict[str, Any]] = {}
     frames: list[Any] = []
-    written, reused = [], []
+    written, reused, resumed = [], [], []
     for partition in sorted(inputs):
         record_rel = f"{version}/segments/{_segment_name(partition)}"
         record = _read_json(store, record_rel + ".json")
@@ -337,11 +382,16 @@ def build_corpus(
             rows = previous_index.filter(pl.col("shard").is_in(old_paths)).with_columns(
                 pl.col("shard").map_elements(lambda p: _rebase(p, previous_version), return_dtype=pl.String))
             reused.append(partition)
+            if record is not None:
+                # An interrupted attempt wrote this segment when `latest` could not lend it; now it is referenced
+                # and its shard numbers go to later segments, so the record must never be taken again.
+                store.delete(record_rel + ".json")
         elif record is not None and record.get("fingerprint") == inputs[partition]:
             segment = record
             rows = store.read_parquet(record_rel + ".parquet")
             next_seq = max([next_seq] + [shard["seq"] + 1 for shard in segment["shards"]])
-            reused.append(partition)
+            written.append(partition)
+            resumed.append(partition)
             log(f"{corpus} {version}: partition {partition} finished before an interruption; kept")
         else:
             segment, rows = _write_segment(store, version, partition, inputs[partition], source, limits, next_seq)
@@ -351,7 +401,7 @@ def build_corpus(
             written.append(partition)
             log(f"{corpus} {version}: partition {partition}: {segment['num_samples']} samples in "
                 f"{len(segment['shards'])} new shards")
-        if partition in reused:
+        if partition in reused or partition in resumed:
             source.reused(partition, rows)
         segments[partition] = segment
         frames.append(rows)
@@ -381,13 +431,14 @@ def build_corpus(
         "drops": dict(sorted(drops.items())),
         "written_partitions": written,
         "reused_partitions": reused,
+        "resumed_partitions": resumed,
         "limits": {"max_samples": limits.max_samples, "max_bytes": limits.max_bytes},
         **(manifest_extra or {}),
     }
     store.write_parquet(f"{version}/{INDEX}", index)
     store.write_json(f"{version}/{MANIFEST}", manifest)  # the version's commit
     store.point_latest(version)
-    return CorpusBuild(version, store.url_of(version), manifest, True, written, reused)
+    return CorpusBuild(version, store.url_of(version), manifest, True, written, reused, resumed)
 
 
 def _write_segment(store: CorpusStore, version: str, partition: str, fingerprint: str, source: PartitionSource,

@@ -3,7 +3,9 @@
 Every row that does not make it is counted by reason (``drops``); the reasons end up per partition in the
 manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
 
-* SFT (``jpg, txt, json`` + ``src.jpg``, ``ref_K.jpg`` for edit / multi_ref): ``heldout_prompt``, ``label_<status>`` (judge failures), ``missing_reward``,
+* SFT (``jpg, txt, json`` + ``src.jpg``, ``ref_K.jpg`` for edit / multi_ref): ``heldout_prompt``, ``label_<status>`` (judge failures:
+  ``label_parse_error``, ``label_image_error``; ``label_reward_error``: a NaN / inf among the rewards),
+  ``missing_reward``,
   ``below_reward_threshold`` (under the partition's ``sft_min_reward_quantile``), ``undecodable_image``,
   ``undersized_image``, ``nsfw``, ``exact_duplicate``, ``near_duplicate_phash``, ``near_duplicate_clip`` (within
   the partition the best-rewarded copy is kept; across partitions the earlier partition's copy).

@@ -16,6 +16,16 @@ def _load_parts(parts_dir: Path):
     return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed"), int(parts[-1].stem) + 1
 
 
+def remove_label_temps(parts_dir: Path, out_path: Path, started_at: float | None = None,
+                       log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the temps killed writers left: half-written label parts in ``parts_dir`` and, beside ``out_path``,
+    those of ``labels.parquet`` and the partition's other tables (embeddings). Only temps whose owner process
+    is gone (or, naming none, older than ``started_at``): :func:`pipelines.io.remove_stale_temps`."""
+    from pipelines.io import remove_stale_temps
+
+    return remove_stale_temps(parts_dir, started_at, log) + remove_stale_temps(out_path.parent, started_at, log)
+
+
 def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path, out_path: Path,
                     batch_size: int, log: Callable[[str], None] = print):
     """Returns (labels table for every candidate, number labelled in this run)."""
@@ -31,6 +41,7 @@ def label_partition(stage, candidates, prompts, shard_dir: Path, parts_dir: Path
             for cand in candidates.select("candidate_id", "prompt_id").iter_rows(named=True)]
     for row in rows:
         row["judge_id"] = stage.judge_id_for(row["task"])
+    remove_label_temps(parts_dir, out_path, log=log)
     done, next_part = _load_parts(parts_dir)
     done_keys = set(zip(done["candidate_id"].to_list(), done["judge_id"].to_list())) if done is not None else set()
     todo = [row for row in rows if (row["candidate_id"], row["judge_id"]) not in done_keys]

@@ -698,6 +698,18 @@ class CheckpointManager:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def remove_stale_training_temps(output_dir: str | os.PathLike, started_at: float | None = None) -> list[Path]:
+    """Remove what a killed trainer left in ``output_dir`` and its ``checkpoints/``: half-built checkpoints
+    (``.step-XXXXXXXX.tmp-<pid>``), adapters (``.adapter.tmp-<pid>``), moved-aside old copies (``.old-<pid>``)
+    and file temps (``.config.json.tmp-<pid>``) — only those whose process is gone and that have not changed since
+    ``started_at`` (default: now), so a live trainer's temps are never touched
+    (:func:`pipelines.io.remove_stale_temps`)."""
+    from pipelines.io import remove_stale_temps
+
+    out = Path(output_dir)
+    return remove_stale_temps(out, started_at) + remove_stale_temps(out / CHECKPOINTS_DIR, started_at)
+
+
 # ============================================================================================ training skeleton
 @dataclasses.dataclass
 class TrainingSetup:
@@ -740,6 +752,7 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_training_temps(out)
     if getattr(cfg, "num_threads", None):
         torch.set_num_threads(int(cfg.num_threads))
     set_seed(cfg.seed)

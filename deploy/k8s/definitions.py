@@ -13,11 +13,10 @@ Keep ``-m pipelines.definitions`` instead to run each run's steps in its run pod
 
 from pathlib import Path
 
-import dagster as dg
 import yaml
 from dagster_k8s import k8s_job_executor
 
-from pipelines.definitions import defs as prefmill_defs
+from pipelines.definitions import build_definitions
 
 RUN_CONFIG = Path(__file__).resolve().with_name("run_config.yaml")
 
@@ -28,4 +27,6 @@ def executor_config(path: Path = RUN_CONFIG) -> dict:
 
 prefmill_k8s_executor = k8s_job_executor.configured(executor_config(), name="prefmill_k8s_job_executor")
 
-defs = dg.Definitions.merge(prefmill_defs, dg.Definitions(executor=prefmill_k8s_executor))
+# The k8s executor replaces pipelines.definitions' recovering executor: run and step pods are separate hosts, and a
+# dead run pod is the run monitoring's to fail (K8sRunLauncher checks run worker health; see deploy/k8s/dagster.yaml).
+defs = build_definitions(executor=prefmill_k8s_executor)

@@ -3,12 +3,17 @@
 A profile is a YAML file; a name resolves to ``pipelines/profiles/<name>.yaml``, anything else is a path.
 ``extends: <profile>`` starts from another profile; sections given here replace that profile's sections whole
 (so a judge section never mixes two backends' settings).
+
+The optional ``inputs`` section bounds what a prompt batch may bring in (``InputLimits``: image pixels and sides,
+line bytes, JSON depth, text length); a profile without it gets the defaults, a key given there replaces only that
+default, and an unknown key or a value that is not a positive integer is a ``ProfileError``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,38 @@ TASKS = ("t2i", "edit", "multi_ref")
 
 class ProfileError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one prompt batch may bring in: the profile's optional ``inputs`` section, these defaults when absent."""
+
+    max_pixels: int = 16_777_216  # width x height of a source/reference image, read from its header (4096^2)
+    min_image_side: int = 16  # the shorter side of a source/reference image, in pixels
+    max_image_bytes: int = 32 << 20  # an image file larger than this is not read
+    max_line_bytes: int = 256 << 10  # one JSONL line (one prompt row), in UTF-8 bytes
+    max_json_depth: int = 32  # nesting of arrays/objects in one row (a prompt row needs 2)
+    max_text_chars: int = 2000  # the prompt text after normalisation
+
+    @classmethod
+    def from_mapping(cls, section: Any) -> InputLimits:
+        if section is None:
+            return cls()
+        if not isinstance(section, dict):
+            raise ProfileError(f"inputs must be a mapping of limits, got {type(section).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ProfileError(f"inputs: unknown keys {unknown}; known: {known}")
+        for key, value in section.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProfileError(f"inputs.{key} must be a positive integer, got {value!r}")
+        return cls(**section)
+
+
+def input_limits(settings: dict[str, Any] | None) -> InputLimits:
+    """The ``inputs`` limits of a loaded profile (defaults for every key it does not give)."""
+    return InputLimits.from_mapping((settings or {}).get("inputs"))
 
 
 def available_profiles() -> list[str]:
@@ -57,6 +94,10 @@ def _load(path: str) -> dict[str, Any]:
     absent = [t for t in TASKS if t not in generators]
     if absent:
         raise ProfileError(f"profile {path}: generation.generators lacks tasks {absent}")
+    try:
+        input_limits(data)
+    except ProfileError as exc:
+        raise ProfileError(f"profile {path}: {exc}") from exc
     return data
 
 

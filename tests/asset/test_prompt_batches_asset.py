@@ -19,7 +19,7 @@ def _materialize(tmp_path, key):
 def test_bad_rows_are_counted_and_good_rows_kept(tmp_path):
     inbox = tmp_path / "data" / "inbox"
     inbox.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(inbox / "a.png")
+    Image.new("RGB", (16, 16)).save(inbox / "a.png")  # inputs.min_image_side: 16
     rows = [{"task": "t2i", "text": "ok"}, {"task": "edit", "text": "e", "source_image": "a.png"},
             {"task": "edit", "text": "gone", "source_image": "missing.png"}]
     (inbox / "mixed.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n{broken\n")

@@ -21,8 +21,18 @@ QUOTA = {"t2i": (3, 1), "edit": (1, 0), "multi_ref": (2, 1)}
 
 
 def _small_batch(inbox: Path) -> None:
-    """A few prompts of every task from the bundled samples, image paths made absolute."""
+    """A few prompts of every task from the bundled samples, their images copied next to the batch file (image
+    paths must stay inside the inbox: absolute ones are refused as path_outside_inbox)."""
+    import shutil
+
     picked, counts = [], {}
+
+    def local(ref: str) -> str:
+        source = (path.parent / ref).resolve()
+        (inbox / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, inbox / "images" / source.name)
+        return f"images/{source.name}"
+
     for path in sorted((SAMPLES_DIR).rglob("*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
@@ -32,10 +42,10 @@ def _small_batch(inbox: Path) -> None:
                 continue
             counts[slot] = counts.get(slot, 0) + 1
             if row.get("source_image"):
-                row["source_image"] = str((path.parent / row["source_image"]).resolve())
-            row["reference_images"] = [str((path.parent / r).resolve()) for r in row.get("reference_images") or []]
+                row["source_image"] = local(row["source_image"])
+            row["reference_images"] = [local(r) for r in row.get("reference_images") or []]
             picked.append(row)
-    inbox.mkdir(parents=True)
+    inbox.mkdir(parents=True, exist_ok=True)
     (inbox / "e2e.jsonl").write_text("\n".join(json.dumps(r) for r in picked) + "\n")
 
 

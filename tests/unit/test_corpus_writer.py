@@ -134,7 +134,9 @@ def test_crash_keeps_previous_version_and_rerun_completes(tmp_path):
     assert not [p for p in (tmp_path / version / "shards").iterdir() if p.name.startswith(".")]  # no half shard
     source = DictSource(data)
     rerun = build_corpus(tmp_path, "c", inputs, {}, source, ShardLimits(max_samples=3))
-    assert source.asked == ["c"] and rerun.written == ["c"] and set(rerun.reused) == {"a", "b"}
+    # b's shards were written into this version by the interrupted attempt: written (and resumed), not reused
+    assert source.asked == ["c"] and rerun.written == ["b", "c"] and rerun.reused == ["a"]
+    assert rerun.resumed == ["b"] and rerun.manifest["resumed_partitions"] == ["b"]
     assert latest_version(tmp_path) == version and verify_corpus(tmp_path / version) == []
     keys = keys_in(tmp_path / version)
     assert len(keys) == len(set(keys)) == 12

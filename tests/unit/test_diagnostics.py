@@ -67,7 +67,7 @@ def test_score_histograms_default_dimensions_are_the_rubric_columns_present():
 
 
 def test_parse_error_rate_over_judged_rows():
-    assert status_counts(LABELS) == {"ok": 11, "parse_error": 1, "image_error": 1}
+    assert status_counts(LABELS) == {"ok": 11, "parse_error": 1, "image_error": 1, "reward_error": 0}
     assert parse_error_rate(LABELS) == pytest.approx(1 / 12)  # image_error never reached the judge
     only_images = labels([("x", "p", None, None, None, "image_error")])
     assert parse_error_rate(only_images) is None
@@ -128,7 +128,7 @@ def test_diagnostics_markdown_table():
     md = diagnostics_markdown(LABELS, DIMS, verdicts=VERDICTS)
     lines = md.splitlines()
     assert lines[0] == "| metric | value |"
-    assert "| rows | 13 (ok 11, parse_error 1, image_error 1) |" in lines
+    assert "| rows | 13 (ok 11, parse_error 1, image_error 1, reward_error 0) |" in lines
     assert "| parse errors | 8.3% of 12 judged |" in lines
     assert "| judge ↔ CLIP agreement | 80.0% of 5 pairs (3 prompts; ties: judge 3, CLIP 1) |" in lines
     assert "| position bias | 33.3% of 6 pairs (2 same position) |" in lines

@@ -83,10 +83,10 @@ def test_parse_valid():
     raw = json.dumps({
         "prompt_alignment": {"score": 4, "feedback": "The cube is there."},
         "visual_quality": {"score": 0, "feedback": "  Blurry\tand\nnoisy. "},
-        "aesthetics": {"score": 2.5, "feedback": "Meh."},
+        "aesthetics": {"score": 2.0, "feedback": "Meh."},  # an integral number is an integer (JSON Schema)
     })
     scores, feedback = parse_judgement(raw, T2I)
-    assert scores == {"prompt_alignment": 4.0, "visual_quality": 0.0, "aesthetics": 2.5}
+    assert scores == {"prompt_alignment": 4.0, "visual_quality": 0.0, "aesthetics": 2.0}
     assert all(isinstance(v, float) for v in scores.values())
     assert feedback["visual_quality"] == "Blurry and noisy."
     # a Markdown fence around the JSON (unconstrained endpoints) is tolerated
@@ -125,7 +125,8 @@ def test_parse_rejects_bad_content():
     assert "not a number" in reason(valid(aesthetics={"score": "4", "feedback": "x"}))
     assert "not a number" in reason(valid(aesthetics={"score": True, "feedback": "x"}))
     assert "not a number" in reason(valid(aesthetics={"score": None, "feedback": "x"}))
-    assert "outside" in reason(valid().replace('"score": 3', '"score": NaN', 1))
+    assert "non-finite number NaN" in reason(valid().replace('"score": 3', '"score": NaN', 1))
+    assert "score 2.5 is not an integer" in reason(valid(aesthetics={"score": 2.5, "feedback": "x"}))
     assert "unexpected key(s) ['overall']" in reason(valid(overall={"score": 3, "feedback": "x"}))
     obj = json.loads(valid())
     del obj["visual_quality"]
