@@ -113,7 +113,8 @@ JUDGE_API_KEY_ENV = "PREFMILL_JUDGE_API_KEY"
 
 class JudgeResource(dg.ConfigurableResource):
     """The VLM judge backend named by the profile: ``transformers`` locally, ``vllm`` on GPU nodes, ``openai`` for
-    an OpenAI-compatible endpoint (a vLLM server or a hosted model). The endpoint's key comes from the environment
+    an OpenAI-compatible endpoint (a vLLM server or a hosted model), ``verifier`` for the proving ground's fact
+    checker (no model; :mod:`labelers.verifier`). The endpoint's key comes from the environment
     (``PREFMILL_JUDGE_API_KEY`` through ``dagster.EnvVar``): it is never in a profile, a log or run config."""
 
     profile: ProfileResource
@@ -145,6 +146,11 @@ class JudgeResource(dg.ConfigurableResource):
 
                 spec = {k: v for k, v in spec.items() if k in _init_params(VllmJudge)}
                 self._judge = VllmJudge(**spec)
+            elif backend == "verifier":  # the proving ground's fact checker (labelers/verifier.py), no model
+                from labelers.verifier import VerifierJudge
+
+                spec = {k: v for k, v in spec.items() if k in _init_params(VerifierJudge)}
+                self._judge = VerifierJudge(**spec)
             else:
                 raise ValueError(f"profile {self.profile.name!r}: unknown judge backend {backend!r}")
             self._judge.setup()
