@@ -1,0 +1,356 @@
+"""Training on the proving ground's procedural world (:mod:`pipelines.proving_world`).
+
+``clip``: a tiny CLIP trained contrastively on the world, so CLIP_T, CLIP_I, λ-Harmonic and DRS measure something
+real on proving-ground images (the zoo's ``clip`` is random: its similarities carry no information).
+
+* Architecture and tokenizer: exactly the zoo's (:data:`pipelines.zoo.clip.MODEL_CFG`, open_clip's bundled BPE),
+  saved in the same layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), so
+  ``ClipScorer("<dir>")`` (or ``local-dir:<dir>``) loads it unchanged.
+* Data, rendered fresh every step (never repeated, a pure function of the seed): text–image pairs — t2i scenes of
+  the world with their prompts; image–image pairs — a reference picture of one object (the world's multi-ref
+  references: the object alone, centred, on its own background, here also at a random size) and a multi-ref
+  target scene that contains it elsewhere. Loss: symmetric InfoNCE (CLIP's) on both kinds of pairs, shared
+  learnable temperature; AdamW with warmup + cosine decay.
+* Evaluation (:func:`evaluate_clip`, through :class:`labelers.clip_scorer.ClipScorer`, on a held-out world seed):
+  ``retrieval`` — the right prompt among K=8 prompts (7 of other scenes; chance 1/8); ``swap`` — CLIP_T(image,
+  prompt) > CLIP_T(image, the prompt with one object's colour or shape word swapped) (chance 0.5); ``ref`` —
+  CLIP_I(reference picture, scene containing its object) > CLIP_I(reference, a scene without it) (chance 0.5).
+* Output: built in a temporary sibling and renamed into place, with a ``.complete`` marker (JSON) recording seed,
+  steps, batch, duration and the eval numbers (trained and, for comparison, the random zoo clip's).
+
+Not part of ``make zoo`` (that stays seconds); a run is minutes on 2 cores::
+
+    python -m pipelines.proving_train clip --out .zoo/world_clip [--seed 0] [--steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from labelers.verifier import OBJECT_COLOURS, SHAPES, SIZES, T2ISpec, t2i_text
+from pipelines.proving_world import Obj, Scene, _background, render, world_item
+
+DEFAULT_STEPS = 600
+DEFAULT_BATCH = 64
+EVAL_SEED_OFFSET = 1_000_003  # held-out scenes come from another world seed than training
+EVAL_K = 8
+
+
+# ------------------------------------------------------------------------------------------------ data
+def reference_scene(obj: Obj, rng: random.Random) -> Scene:
+    """A reference picture of ``obj``: alone, centred, a random size, on a random background."""
+    bg, tex, ts = _background(rng)
+    return Scene((Obj(obj.colour, obj.shape, rng.choice(list(SIZES)), (1, 1)),), bg, tex, ts)
+
+
+def swapped_prompt(spec: T2ISpec, rng: random.Random) -> str:
+    """The prompt of ``spec`` with one object group's colour or shape word swapped for one no group has (so the
+    prompt states a false fact about the scene)."""
+    keys = {g.key for g in spec.groups}
+    i = rng.randrange(len(spec.groups))
+    g = spec.groups[i]
+    options = [replace(g, colour=c) for c in OBJECT_COLOURS if (c, g.shape) not in keys]
+    if rng.random() < 0.5:
+        shapes = [replace(g, shape=s) for s in SHAPES if (g.colour, s) not in keys]
+        options = shapes or options
+    groups = list(spec.groups)
+    groups[i] = rng.choice(options)
+    return t2i_text(replace(spec, groups=tuple(groups)))
+
+
+def _t2i_pair(seed: int, index: int) -> tuple[Scene, str, T2ISpec]:
+    item = world_item(seed, "t2i", index)
+    return item.scene, item.text, item.spec
+
+
+def _ref_pair(seed: int, index: int) -> tuple[Scene, Scene, tuple[str, str]]:
+    """(reference picture, multi-ref target scene containing its object, the object's key)."""
+    item = world_item(seed, "multi_ref", index)
+    rng = random.Random(f"prefmill-world-clip-ref:{seed}:{index}")
+    obj = rng.choice(item.scene.objects)
+    return reference_scene(obj, rng), item.scene, obj.key
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _setup_torch():
+    from labelers import torch_compat
+
+    torch_compat.install()
+    import open_clip
+    import torch
+
+    return open_clip, torch
+
+
+def _pixels(scenes: list[Scene], size: int, torch):
+    """Normalised pixel batch (what the saved preprocess gives for a ``size`` x ``size`` image)."""
+    import numpy as np
+
+    from pipelines.zoo.clip import PREPROCESS_CFG
+
+    arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes]) / 255.0
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    mean = torch.tensor(PREPROCESS_CFG["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(PREPROCESS_CFG["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _info_nce(a, b, logit_scale, torch):
+    """Symmetric InfoNCE (CLIP's loss) of L2-normalised ``a`` (N, D) vs ``b`` (M >= N, D): row i's positive is
+    column i; ``b``'s rows past N are extra negatives for ``a`` (hard negatives) and take no loss themselves."""
+    import torch.nn.functional as F
+
+    n = a.shape[0]
+    logits = logit_scale * a @ b.t()
+    labels = torch.arange(n)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :n].t(), labels)) / 2
+
+
+def _write_model(model, out_dir: Path, image_size: int) -> None:
+    from safetensors.torch import save_file
+
+    from pipelines.zoo.clip import MODEL_CFG, PREPROCESS_CFG
+
+    cfg = copy.deepcopy(MODEL_CFG)
+    cfg["vision_cfg"]["image_size"] = image_size
+    (out_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": PREPROCESS_CFG}, indent=2) + "\n", encoding="utf-8"
+    )
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "open_clip_model.safetensors"), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_world_clip(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    batch: int = DEFAULT_BATCH,
+    image_size: int = 64,
+    lr: float = 2e-3,
+    minutes: float | None = None,
+    hard_negatives_from: float | None = 0.3,
+    eval_n: int = 256,
+    eval_baseline: bool = True,
+    threads: int | None = None,
+    log_every: int = 25,
+    log=print,
+) -> dict[str, Any]:
+    """Train the tiny world CLIP and save it into ``out_dir`` (replaced atomically); returns the marker dict.
+
+    ``minutes`` stops training early (at a step boundary) once that much wall time has passed; the marker records
+    the steps actually done. ``threads``: torch intra-op threads while training (None: unchanged)."""
+    open_clip, torch = _setup_torch()
+    from labelers.torch_compat import torch_threads
+    from pipelines.zoo import MARKER, ZOO_VERSION
+    from pipelines.zoo.clip import MODEL_CFG, _add_shared_offset
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        started = time.time()
+        cfg = copy.deepcopy(MODEL_CFG)
+        cfg["vision_cfg"]["image_size"] = image_size
+        torch.manual_seed(seed)
+        model = open_clip.model.CLIP(**cfg)
+        _add_shared_offset(model, torch)  # start like the zoo clip: positive cosines between unrelated pairs
+        _write_model(model, tmp, image_size)  # config first: the tokenizer comes from the saved layout
+        tokenizer = open_clip.get_tokenizer("local-dir:" + str(tmp))
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        warmup = max(1, min(50, steps // 10))
+
+        def lr_at(step: int) -> float:
+            if step < warmup:
+                return lr * (step + 1) / warmup
+            return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        token_cache: dict[str, Any] = {}
+
+        def tokens(texts: list[str]):
+            missing = [t for t in dict.fromkeys(texts) if t not in token_cache]
+            if missing:
+                for t, row in zip(missing, tokenizer(missing)):
+                    token_cache[t] = row
+            return torch.stack([token_cache[t] for t in texts])
+
+        done, losses = 0, []
+        with torch_threads(threads):
+            for step in range(steps):
+                if minutes is not None and time.time() - started > minutes * 60:
+                    log(f"[world-clip] time budget of {minutes} min reached after {step} steps")
+                    break
+                pairs = [_t2i_pair(seed, step * batch + j) for j in range(batch)]
+                rng = random.Random(f"prefmill-world-clip-swap:{seed}:{step}")
+                refs = [_ref_pair(seed, step * batch + j) for j in range(batch)]
+                images = _pixels([s for s, _, _ in pairs] + [r for r, _, _ in refs] + [t for _, t, _ in refs],
+                                 image_size, torch)
+                img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+                # Hard negatives (as in NegCLIP): each prompt with one colour / shape word swapped joins the texts
+                # an image must tell its prompt from; from ``hard_negatives_from`` x steps on (earlier they slow
+                # the first learning).
+                texts = [t for _, t, _ in pairs]
+                if hard_negatives_from is not None and step >= hard_negatives_from * steps:
+                    texts += [swapped_prompt(sp, rng) for _, _, sp in pairs]
+                txt = torch.nn.functional.normalize(model.encode_text(tokens(texts)), dim=-1)
+                scale = model.logit_scale.exp().clamp(max=100)
+                loss_t = _info_nce(img[:batch], txt, scale, torch)
+                ref_emb, tgt_emb = img[batch:2 * batch], img[2 * batch:]
+                # Other scenes of the batch that also hold reference i's object are false negatives: masked out.
+                held = [{o.key for o in t.objects} for _, t, _ in refs]
+                same = torch.tensor([[i != j and k in held[j] for j in range(batch)]
+                                     for i, (_, _, k) in enumerate(refs)])
+                logits = (scale * ref_emb @ tgt_emb.t()).masked_fill(same, float("-inf"))
+                labels = torch.arange(batch)
+                loss_i = (torch.nn.functional.cross_entropy(logits, labels)
+                          + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+                loss = loss_t + loss_i
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                done = step + 1
+                losses.append((loss_t.item(), loss_i.item()))
+                if log_every and (done % log_every == 0 or done == steps):
+                    lt = sum(x for x, _ in losses[-log_every:]) / len(losses[-log_every:])
+                    li = sum(y for _, y in losses[-log_every:]) / len(losses[-log_every:])
+                    log(f"[world-clip] step {done}/{steps} loss_t2i {lt:.3f} loss_ref {li:.3f} "
+                        f"temp {scale.item():.1f} {time.time() - started:.0f}s")
+        model.eval()
+        _write_model(model, tmp, image_size)
+        train_seconds = time.time() - started
+        trained = evaluate_clip(str(tmp), seed=seed, n=eval_n, threads=threads)
+        marker: dict[str, Any] = {
+            "zoo_version": ZOO_VERSION,
+            "name": "world_clip",
+            "builder": "pipelines.proving_train:train_world_clip",
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seed": seed,
+            "steps": done,
+            "steps_requested": steps,
+            "batch": batch,
+            "image_size": image_size,
+            "lr": lr,
+            "hard_negatives_from": hard_negatives_from,
+            "train_seconds": round(train_seconds, 1),
+            "final_loss_t2i": round(losses[-1][0], 4) if losses else None,
+            "final_loss_ref": round(losses[-1][1], 4) if losses else None,
+            "eval": trained,
+        }
+        if eval_baseline:
+            from pipelines.zoo.clip import build_clip
+
+            base_dir = tmp / ".baseline"
+            build_clip(base_dir)
+            marker["eval_random_zoo_clip"] = evaluate_clip(str(base_dir), seed=seed, n=eval_n, threads=threads)
+            shutil.rmtree(base_dir, ignore_errors=True)
+        marker["build_seconds"] = round(time.time() - started, 1)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return marker
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_clip(model: str, seed: int = 0, n: int = 256, k: int = EVAL_K, threads: int | None = None,
+                  scorer=None) -> dict[str, float]:
+    """Held-out numbers of a CLIP (any ``ClipScorer`` model reference) on the world of ``seed + EVAL_SEED_OFFSET``:
+    ``retrieval`` (right prompt among ``k``; chance 1/k), ``swap`` (correct prompt beats a one-word-swapped one;
+    chance 0.5), ``ref`` (a reference picture is closer to a scene with its object than to one without; chance
+    0.5), and the mean CLIP_T of matching pairs (``clip_t_pos``) and of mismatched ones (``clip_t_neg``)."""
+    import torch
+
+    from labelers.clip_scorer import ClipScorer
+
+    eval_seed = seed + EVAL_SEED_OFFSET
+    scorer = scorer or ClipScorer(model, cpu_threads=threads)
+    scorer.setup()
+    n = max(k, n - n % k)
+    items = [world_item(eval_seed, "t2i", i) for i in range(n)]
+    rng = random.Random(f"prefmill-world-clip-eval:{eval_seed}")
+    swapped = [swapped_prompt(it.spec, rng) for it in items]
+    img = scorer.embed_images([render(it.scene) for it in items])
+    txt = scorer.embed_texts([it.text for it in items])
+    swp = scorer.embed_texts(swapped)
+    pos = (img * txt).sum(-1)
+    swap = float((pos > (img * swp).sum(-1)).float().mean())
+    hits = 0
+    for start in range(0, n, k):
+        sims = img[start:start + k] @ txt[start:start + k].t()
+        hits += int((sims.argmax(dim=1) == torch.arange(sims.shape[0])).sum())
+    retrieval = hits / n
+    neg = float((img * txt.roll(1, dims=0)).sum(-1).mean())
+
+    refs = [_ref_pair(eval_seed, i) for i in range(n)]
+    ref_img = scorer.embed_images([render(r) for r, _, _ in refs])
+    tgt_img = scorer.embed_images([render(t) for _, t, _ in refs])
+    wins = 0
+    for i, (_, _, key) in enumerate(refs):
+        # The next scene (cyclically) that lacks the reference's object.
+        j = next(((i + d) % n for d in range(1, n) if key not in {o.key for o in refs[(i + d) % n][1].objects}), None)
+        wins += int(j is not None and float(ref_img[i] @ tgt_img[i]) > float(ref_img[i] @ tgt_img[j]))
+    return {"retrieval": round(retrieval, 4), "swap": round(swap, 4), "ref": round(wins / n, 4),
+            "clip_t_pos": round(float(pos.mean()), 4), "clip_t_neg": round(neg, 4), "n": n, "k": k}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.proving_train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("clip", help="train the tiny world CLIP")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--minutes", type=float, default=None, help="stop training after this much wall time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--no-baseline", action="store_true", help="skip evaluating the random zoo clip")
+    args = parser.parse_args(argv)
+    marker = train_world_clip(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
+                              image_size=args.image_size, lr=args.lr, minutes=args.minutes, eval_n=args.eval_n,
+                              eval_baseline=not args.no_baseline, threads=args.threads,
+                              log=lambda m: print(m, flush=True))
+    ev = marker["eval"]
+    line = (f"[world-clip] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "
+            f"eval retrieval@{ev['k']} {ev['retrieval']:.3f} swap {ev['swap']:.3f} ref {ev['ref']:.3f} "
+            f"clip_t pos {ev['clip_t_pos']:.3f} neg {ev['clip_t_neg']:.3f}")
+    base = marker.get("eval_random_zoo_clip")
+    if base:
+        line += (f" | random zoo clip: retrieval {base['retrieval']:.3f} swap {base['swap']:.3f} "
+                 f"ref {base['ref']:.3f}")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
