@@ -21,6 +21,14 @@ real on proving-ground images (the zoo's ``clip`` is random: its similarities ca
 Not part of ``make zoo`` (that stays seconds); a run is minutes on 2 cores::
 
     python -m pipelines.proving_train clip --out .zoo/world_clip [--seed 0] [--steps 600]
+
+``generator`` (exploratory, issue 12 deliverable 3): the zoo's FLUX t2i pipeline with a wider transformer of the
+same class (4 heads x 16), all transformer weights trained from random init by the family's flow-matching loss on
+fresh world scenes (48 px); the zoo's random VAE is first fit as an autoencoder (``--vae-seconds``), the text
+encoders stay frozen; T5 window 96 tokens. Saved with ``save_pretrained`` + ``.complete`` (eval curve: verifier on
+held-out prompts, ODE sampling, CFG 1 and 3)::
+
+    python -m pipelines.proving_train generator --out DIR [--seed 0] [--steps N] [--minutes M] [--vae-seconds S]
 """
 
 from __future__ import annotations
@@ -320,6 +328,269 @@ def evaluate_clip(model: str, seed: int = 0, n: int = 256, k: int = EVAL_K, thre
             "clip_t_pos": round(float(pos.mean()), 4), "clip_t_neg": round(neg, 4), "n": n, "k": k}
 
 
+# ------------------------------------------------------------------------------------------------ generator
+GEN_DEFAULT_STEPS = 3000
+GEN_BATCH = 32
+GEN_IMAGE_SIZE = 48
+GEN_EVAL_N = 96
+GEN_SAMPLE_STEPS = 12
+
+
+def _scene_pixels(scenes: list[Scene], size: int, torch):
+    """``(B,3,H,W)`` pixels in ``[-1,1]`` (what the families' VAEs take)."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _train_vae(vae, seed: int, size: int, seconds: float, batch: int, lr: float, torch, log) -> dict[str, Any]:
+    """Fit the zoo's random FLUX VAE as an autoencoder of world scenes (MSE on ``mode()`` latents + a small KL), then
+    set ``scaling_factor`` / ``shift_factor`` so its latents are ~N(0, 1) over world scenes."""
+    vae.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    started, step, loss_v = time.time(), 0, float("nan")
+    while time.time() - started < seconds:
+        x = _scene_pixels([world_item(seed + 7, "t2i", step * batch + j).scene for j in range(batch)], size, torch)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.mode()).sample
+        kl = dist.kl().mean() / dist.mean[0].numel()
+        loss = torch.nn.functional.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_v = loss.item()
+        if step % 25 == 0:
+            log(f"[world-gen] vae step {step} recon+kl {loss_v:.4f} {time.time() - started:.0f}s")
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        x = _scene_pixels([world_item(seed + 11, "t2i", j).scene for j in range(64)], size, torch)
+        z = vae.encode(x).latent_dist.mode()
+        shift, std = float(z.mean()), float(z.std())
+        rec = vae.decode(z).sample.clamp(-1, 1)
+        rec_mse = float(torch.nn.functional.mse_loss(rec, x))
+    ceiling = _verify_pixels(rec, [world_item(seed + 11, "t2i", j).spec for j in range(64)])
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5), shift_factor=round(shift, 5))
+    return {"steps": step, "seconds": round(time.time() - started, 1), "final_loss": round(loss_v, 5),
+            "recon_mse": round(rec_mse, 5), "recon_verifier": ceiling, "scaling_factor": round(1.0 / std, 5), "shift_factor": round(shift, 5)}
+
+
+def _verify_pixels(pix, specs) -> dict[str, float]:
+    """Verifier numbers of ``(B,3,H,W)`` pixels in ``[-1,1]`` against t2i ``specs``: ``correct`` (all facts pass)
+    and ``facts`` (mean share of facts passed)."""
+    import numpy as np
+    from PIL import Image
+
+    from labelers.verifier import check_t2i, detect
+
+    arr = ((pix.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    correct, share = 0, 0.0
+    for spec, a in zip(specs, arr):
+        facts = check_t2i(spec, detect(Image.fromarray(np.ascontiguousarray(a), "RGB")))
+        passed = sum(f.passed for f in facts)
+        share += passed / max(1, len(facts))
+        correct += int(passed == len(facts))
+    return {"correct": round(correct / len(specs), 4), "facts": round(share / len(specs), 4)}
+
+
+def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: int):
+    """A FLUX transformer of the zoo's class and head dim / RoPE axes, ``heads`` x 16 wide."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from pipelines.zoo.families import CLIP_HIDDEN, FLUX_AXES_ROPE, FLUX_HEAD_DIM, FLUX_LATENT_CHANNELS, T5_HIDDEN
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, out_channels=None, num_layers=layers,
+        num_single_layers=single_layers, attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=heads,
+        joint_attention_dim=T5_HIDDEN, pooled_projection_dim=CLIP_HIDDEN, guidance_embeds=False,
+        axes_dims_rope=FLUX_AXES_ROPE)
+
+
+def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = GEN_IMAGE_SIZE,
+                       steps: int = GEN_SAMPLE_STEPS, guidance: float = 1.0, batch: int = 32) -> dict[str, Any]:
+    """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out t2i prompts of the world of ``seed +
+    EVAL_SEED_OFFSET`` and check each image's facts with the verifier: ``correct`` — share of prompts with every fact
+    passed; ``facts`` — mean share of facts passed per prompt."""
+    import torch
+
+    eval_seed = seed + EVAL_SEED_OFFSET
+    items = [world_item(eval_seed, "t2i", i) for i in range(n)]
+    correct, facts = 0.0, 0.0
+    for start in range(0, n, batch):
+        part = items[start:start + batch]
+        cond = family.encode([it.text for it in part])
+        uncond = family.encode([""] * len(part)) if guidance > 1 else None
+        gens = [torch.Generator().manual_seed(eval_seed * 7919 + start + j) for j in range(len(part))]
+        noise = family.initial_noise(gens, size)
+        with torch.no_grad():
+            out = family.sample(cond, uncond, noise, steps, size, guidance=guidance)
+            pix = family.latents_to_images(out["latents"][-1], size)
+        res = _verify_pixels(pix, [it.spec for it in part])
+        correct += res["correct"] * len(part)
+        facts += res["facts"] * len(part)
+    return {"correct": round(correct / n, 4), "facts": round(facts / n, 4), "n": n, "steps": steps,
+            "guidance": guidance, "size": size}
+
+
+def train_world_generator(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = GEN_DEFAULT_STEPS,
+    batch: int = GEN_BATCH,
+    image_size: int = GEN_IMAGE_SIZE,
+    lr: float = 1e-3,
+    minutes: float | None = None,
+    vae_seconds: float = 90.0,
+    heads: int = 4,
+    layers: int = 1,
+    single_layers: int = 2,
+    cond_dropout: float = 0.1,
+    text_tokens: int | None = 96,
+    eval_n: int = GEN_EVAL_N,
+    eval_at_minutes: tuple[float, ...] = (2.0, 5.0, 10.0),
+    eval_guidance: tuple[float, ...] = (1.0, 3.0),
+    threads: int | None = 1,
+    log_every: int = 25,
+    log=print,
+) -> dict[str, Any]:
+    """Pre-train the zoo's tiny FLUX t2i model (all transformer weights, from random init) on world scenes with the
+    family's flow-matching objective and save the whole pipeline into ``out_dir`` (replaced atomically); returns
+    the marker dict. The zoo's VAE is random (its decoder does not invert its encoder), so it is first fit as an
+    autoencoder for ``vae_seconds``; ``minutes`` and ``eval_at_minutes`` count transformer training time only
+    (not the VAE fit, not evaluations). Text encoders stay the zoo's, frozen."""
+    _, torch = _setup_torch()
+    from labelers.torch_compat import torch_threads
+    from pipelines.zoo import MARKER, ZOO_VERSION
+    from pipelines.zoo.families import build_flux
+    from trainers.families import load_family
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        started = time.time()
+        with torch_threads(threads):
+            build_flux(tmp)
+            (tmp / MARKER).unlink(missing_ok=True)
+            family = load_family(str(tmp))
+            pipe = family.pipe
+            torch.manual_seed(seed)
+            pipe.transformer = _bigger_flux_transformer(heads, layers, single_layers, seed)
+            pipe.register_modules(transformer=pipe.transformer)
+            family.freeze()
+            family._train_size = image_size
+            if text_tokens:
+                # FLUX pads T5 states to tokenizer_2.model_max_length (512 in the zoo) and attends over all of
+                # them: world prompts are <= ~70 T5 tokens, so a shorter window (saved with the tokenizer, used
+                # alike by every later load) makes a step ~4x cheaper.
+                pipe.tokenizer_2.model_max_length = int(text_tokens)
+            vae_info = _train_vae(pipe.vae, seed, image_size, vae_seconds, 16, 2e-3, torch, log)
+            log(f"[world-gen] vae: {vae_info}")
+            evals: list[dict[str, Any]] = []
+
+            def run_eval(label: str, done: int) -> None:
+                model = pipe.transformer
+                model.eval()
+                row = {"label": label, "step": done,
+                       "train_seconds": round(time.time() - train_start - eval_spent, 1) if done else 0.0}
+                for g in eval_guidance:
+                    row[f"cfg{g:g}"] = evaluate_generator(family, seed, eval_n, image_size, guidance=g)
+                evals.append(row)
+                log(f"[world-gen] eval {label} step {done}: " + " | ".join(
+                    f"cfg {g:g}: correct {row[f'cfg{g:g}']['correct']:.3f} facts {row[f'cfg{g:g}']['facts']:.3f}"
+                    for g in eval_guidance) + f" ({row['train_seconds']}s)")
+                model.train()
+
+            train_start, eval_spent = time.time(), 0.0
+            run_eval("untrained", 0)
+            model = pipe.transformer
+            model.requires_grad_(True)
+            model.train()
+            params = list(model.parameters())
+            opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+            warmup = 100
+            gen = torch.Generator().manual_seed(seed)
+            drop_rng = random.Random(f"prefmill-world-gen-drop:{seed}")
+            marks = sorted(eval_at_minutes)
+            done, losses = 0, []
+            train_start, eval_spent = time.time(), 0.0
+            for step in range(steps):
+                trained_for = time.time() - train_start - eval_spent  # transformer training only
+                if marks and trained_for >= marks[0] * 60:
+                    t0 = time.time()
+                    run_eval(f"{marks.pop(0):g}min", done)
+                    eval_spent += time.time() - t0
+                if minutes is not None and trained_for > minutes * 60:
+                    log(f"[world-gen] time budget of {minutes} min reached after {step} steps")
+                    break
+                items = [world_item(seed, "t2i", step * batch + j) for j in range(batch)]
+                texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
+                x0 = family.images_to_latents(_scene_pixels([it.scene for it in items], image_size, torch),
+                                              sample=False)
+                cond = family.encode(texts)
+                x_t, t, target = family.training_sample(x0, gen)
+                pred = family.predict(x_t, t, cond)
+                loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+                for g in opt.param_groups:
+                    g["lr"] = lr * min(1.0, (step + 1) / warmup)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                done = step + 1
+                losses.append(loss.item())
+                if log_every and done % log_every == 0:
+                    log(f"[world-gen] step {done} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                        f"{time.time() - train_start:.0f}s")
+            train_seconds = time.time() - train_start - eval_spent
+            run_eval("final", done)
+            model.eval()
+            model.requires_grad_(False)
+            pipe.save_pretrained(tmp)
+        marker: dict[str, Any] = {
+            "zoo_version": ZOO_VERSION,
+            "name": "world_generator",
+            "builder": "pipelines.proving_train:train_world_generator",
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "family": "flux",
+            "seed": seed,
+            "steps": done,
+            "steps_requested": steps,
+            "batch": batch,
+            "image_size": image_size,
+            "lr": lr,
+            "transformer": {"heads": heads, "head_dim": 16, "layers": layers, "single_layers": single_layers,
+                            "params": sum(p.numel() for p in pipe.transformer.parameters())},
+            "cond_dropout": cond_dropout,
+            "text_tokens": text_tokens,
+            "vae": vae_info,
+            "train_seconds": round(train_seconds, 1),
+            "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4) if losses else None,
+            "eval": evals[-1],
+            "eval_curve": evals,
+        }
+        marker["build_seconds"] = round(time.time() - started, 1)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return marker
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.proving_train", description=__doc__.split("\n")[0])
@@ -335,7 +606,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--eval-n", type=int, default=256)
     p.add_argument("--no-baseline", action="store_true", help="skip evaluating the random zoo clip")
+    g = sub.add_parser("generator", help="pre-train the tiny FLUX t2i model on the world (partial skill)")
+    g.add_argument("--out", required=True, type=Path)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=GEN_DEFAULT_STEPS)
+    g.add_argument("--batch", type=int, default=GEN_BATCH)
+    g.add_argument("--image-size", type=int, default=GEN_IMAGE_SIZE)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--minutes", type=float, default=None, help="stop training after this much wall time")
+    g.add_argument("--vae-seconds", type=float, default=90.0, help="autoencoder fit of the random zoo VAE first")
+    g.add_argument("--heads", type=int, default=4, help="transformer width = heads x 16")
+    g.add_argument("--layers", type=int, default=1)
+    g.add_argument("--single-layers", type=int, default=2)
+    g.add_argument("--text-tokens", type=int, default=96, help="T5 window (0: the zoo's 512)")
+    g.add_argument("--eval-at", type=float, nargs="*", default=[2.0, 5.0, 10.0], help="minutes of training")
+    g.add_argument("--eval-n", type=int, default=GEN_EVAL_N)
+    g.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.cmd == "generator":
+        marker = train_world_generator(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
+                                       image_size=args.image_size, lr=args.lr, minutes=args.minutes,
+                                       vae_seconds=args.vae_seconds, heads=args.heads, layers=args.layers,
+                                       single_layers=args.single_layers, eval_n=args.eval_n,
+                                       text_tokens=args.text_tokens or None,
+                                       eval_at_minutes=tuple(args.eval_at), threads=args.threads,
+                                       log=lambda m: print(m, flush=True))
+        print(f"[world-gen] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "
+              + json.dumps(marker["eval_curve"]), flush=True)
+        return 0
     marker = train_world_clip(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                               image_size=args.image_size, lr=args.lr, minutes=args.minutes, eval_n=args.eval_n,
                               eval_baseline=not args.no_baseline, threads=args.threads,
