@@ -273,17 +273,22 @@ def train_world_clip(
             shutil.rmtree(base_dir, ignore_errors=True)
         marker["build_seconds"] = round(time.time() - started, 1)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return marker
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` directory to ``out_dir``, moving an existing one aside first (then deleting it)."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -578,13 +583,7 @@ def train_world_generator(
         }
         marker["build_seconds"] = round(time.time() - started, 1)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
