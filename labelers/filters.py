@@ -9,7 +9,8 @@ Small steps with one job each (datatrove style):
 * :class:`NearDuplicateFilter`: exact duplicates (sha256), perceptual-hash near duplicates (hamming distance of
   64-bit pHashes, :func:`perceptual_hash`, :func:`hamming_distance`) and CLIP near duplicates (embedding cosine,
   blocked matmul) — ``exact_duplicate``, ``near_duplicate_phash``, ``near_duplicate_clip``. Keeps the first
-  occurrence, in the order items are given.
+  occurrence, in the order items are given. Brute force by default; ``exact=False`` looks the kept memory up
+  through indexes (:mod:`labelers.dedup_index`: exact multi-index hashing for pHash, faiss IVF for CLIP).
 * :func:`judge_failure`, :func:`reward_at_least`: label rows whose judgement failed (``label_<status>``,
   ``missing_reward``) or whose reward is below the SFT threshold (``below_reward_threshold``).
 * :class:`NsfwClassifier`: an optional image classifier (``AutoModelForImageClassification``), loaded lazily in
@@ -234,23 +235,46 @@ class NearDuplicateFilter:
     (a ``block × block`` boolean matrix), then resolved greedily in order; its kept items join the memory. No
     ``N × N`` matrix over the set is ever built, and the result does not depend on ``block_size``.
 
-    Complexity: a batch of ``B`` items against ``K`` kept items costs ``O(B·(K + B)·D)`` flops for cosine
-    (brute force, exact; an ANN index such as faiss would trade exactness for sub-quadratic time) and
-    ``O(B·(K + B))`` word operations for pHash, so a whole set of ``N`` items is ``O(N²·D)``. Extra memory:
-    ``O(block_size²)`` temporaries; state: ``4·D + 8`` bytes per kept item plus every seen sha256 and kept key.
+    Complexity (``exact=True``, the default): a batch of ``B`` items against ``K`` kept items costs
+    ``O(B·(K + B)·D)`` flops for cosine and ``O(B·(K + B))`` word operations for pHash (brute force), so a whole
+    set of ``N`` items is ``O(N²·D)``. Extra memory: ``O(block_size²)`` temporaries; state: ``4·D + 8`` bytes per
+    kept item plus every seen sha256 and kept key.
+
+    ``exact=False`` (issue 15, :mod:`labelers.dedup_index`): the comparison with the kept memory goes through
+    indexes, the within-block comparison and the greedy stay as above (``block_size`` defaults to 1024 there).
+    pHash: multi-index hashing, still exact (identical verdicts). Cosine: brute force while fewer than
+    ``ann_min_items`` items are kept, then a faiss IVF index (``ann_list_size`` rows per list, ``ann_nprobe``
+    lists searched), roughly constant work per item: a whole set is about ``O(N log N)``. It can *miss* a near
+    duplicate (keep an item the exact path drops; it never drops one the exact path keeps, except downstream of
+    such a miss), at the recall ``bench/dedup.py`` measures. ``add_kept`` only appends rows; the indexes are
+    (re)built from them on the next batch in linear time.
     """
 
     def __init__(self, phash_max_distance: int | None = None, cosine_threshold: float | None = None,
-                 block_size: int = 4096):
+                 block_size: int | None = None, exact: bool = True, ann_min_items: int = 4096,
+                 ann_list_size: int = 256, ann_nprobe: int = 8):
         if phash_max_distance is not None and not 0 <= int(phash_max_distance) <= 64:
             raise ValueError(f"phash_max_distance must be in [0, 64], got {phash_max_distance}")
         if cosine_threshold is not None and not -1.0 <= float(cosine_threshold) <= 1.0:
             raise ValueError(f"cosine_threshold must be in [-1, 1], got {cosine_threshold}")
+        if block_size is None:
+            block_size = 4096 if exact else 1024
         if int(block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.phash_max_distance = None if phash_max_distance is None else int(phash_max_distance)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
         self.block_size = int(block_size)
+        self.exact = bool(exact)
+        self._phash_index = self._clip_index = None
+        if not self.exact:
+            from labelers.dedup_index import ClipIndex, PHashIndex
+
+            if self.phash_max_distance is not None:
+                index = PHashIndex(self.phash_max_distance)
+                self._phash_index = index if index.worthwhile else None  # wide radii: brute force is as good
+            if self.cosine_threshold is not None:
+                self._clip_index = ClipIndex(self.cosine_threshold, min_items=ann_min_items,
+                                             list_size=ann_list_size, nprobe=ann_nprobe)
         self._seen_sha: set[str] = set()
         self._phashes = _Rows(np.uint64)
         self._embeddings = _Rows(np.float32)
@@ -340,7 +364,12 @@ class NearDuplicateFilter:
         def near(q: np.ndarray, r: np.ndarray) -> np.ndarray:
             return popcount64(np.bitwise_xor(q[:, None], r[None, :])) <= t
 
-        return self._hits(block, live, self._phashes.view(), near)
+        memory = self._phashes.view()
+        mem_hit = None
+        if self._phash_index is not None:
+            mem_hit = np.zeros(len(block), dtype=bool)
+            mem_hit[live] = self._phash_index.hits(block[live], memory)
+        return self._hits(block, live, memory, near, mem_hit)
 
     def _clip_hits(self, block: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t = np.float32(self.cosine_threshold)
@@ -348,15 +377,26 @@ class NearDuplicateFilter:
         def near(q: np.ndarray, r: np.ndarray) -> np.ndarray:
             return (q @ r.T) >= t
 
-        return self._hits(block, live, self._embeddings.view(), near)
+        memory = self._embeddings.view()
+        mem_hit = None
+        if self._clip_index is not None and len(memory):
+            found = self._clip_index.hits(block[live], memory)  # None: too few kept rows, compare exactly
+            if found is not None:
+                mem_hit = np.zeros(len(block), dtype=bool)
+                mem_hit[live] = found
+        return self._hits(block, live, memory, near, mem_hit)
 
     def _hits(self, block: np.ndarray, live: np.ndarray, memory: np.ndarray,
-              near: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              near: Callable[[np.ndarray, np.ndarray], np.ndarray],
+              mem_hit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For the ``live`` rows of a block: (hits a kept memory item, strictly lower-triangular within-block near
-        matrix, whether each row has any earlier near row)."""
+        matrix, whether each row has any earlier near row). ``mem_hit`` given (an index answered): the memory
+        is not scanned."""
         m = len(block)
-        mem_hit = np.zeros(m, dtype=bool)
-        for r0 in range(0, len(memory), self.block_size):
+        scan = mem_hit is None
+        if scan:
+            mem_hit = np.zeros(m, dtype=bool)
+        for r0 in range(0, len(memory) if scan else 0, self.block_size):
             todo = live[~mem_hit[live]]  # rows already matched need no more work
             if len(todo) == 0:
                 break

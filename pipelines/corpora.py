@@ -433,6 +433,7 @@ def build_corpus(
         "reused_partitions": reused,
         "resumed_partitions": resumed,
         "limits": {"max_samples": limits.max_samples, "max_bytes": limits.max_bytes},
+        "dedup": getattr(source, "dedup_mode", None),  # {"exact": bool}: which near-duplicate search built it
         **(manifest_extra or {}),
     }
     store.write_parquet(f"{version}/{INDEX}", index)

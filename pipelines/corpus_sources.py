@@ -36,10 +36,13 @@ class CorpusFilters:
 
         filters:
           min_image_side: 32                   # undersized_image below this
-          dedup: {phash_max_distance: 4, clip_cosine: 0.98}   # null disables either
+          dedup: {phash_max_distance: 4, clip_cosine: 0.98, exact: false}   # null disables either
           nsfw: null                           # or {model: <dir or hub id>, threshold: 0.5}
 
-    The NSFW classifier is loaded on first use, only when a profile names one.
+    ``dedup.exact`` (default false): true compares every item with every kept one (brute force, O(N²));
+    false looks the kept items up through indexes (``NearDuplicateFilter(exact=False)``): pHash stays exact, CLIP
+    near duplicates may be missed at the recall ``bench/dedup.py`` measures. The SFT manifest records the mode
+    (``dedup``). The NSFW classifier is loaded on first use, only when a profile names one.
     """
 
     def __init__(self, settings: dict[str, Any], device: str = "cpu"):
@@ -50,8 +53,9 @@ class CorpusFilters:
         dedup = settings.get("dedup") or {}
         self.phash_max_distance = dedup.get("phash_max_distance")
         self.clip_cosine = dedup.get("clip_cosine")
+        self.dedup_exact = bool(dedup.get("exact", False))
         self.duplicates = NearDuplicateFilter(phash_max_distance=self.phash_max_distance,
-                                              cosine_threshold=self.clip_cosine)
+                                              cosine_threshold=self.clip_cosine, exact=self.dedup_exact)
         nsfw = settings.get("nsfw")
         self.nsfw = None
         if nsfw:
@@ -115,6 +119,8 @@ class SftSource:
         self.prompts = prompts
         self.quantile = float(settings["corpora"].get("sft_min_reward_quantile", 0.0))
         self.filters = filters
+        # for the manifest: whether the duplicate memory was searched exhaustively (see CorpusFilters)
+        self.dedup_mode = {"exact": filters.dedup_exact}
 
     def reused(self, partition: str, rows) -> None:
         if not len(rows):
