@@ -15,7 +15,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 PARTITIONED := prompt_batches,candidate_images,reward_labels,preference_pairs
 UNPARTITIONED := sft_corpus,preference_corpus,rl_prompt_pool,sft_run,dpo_run,grpo_run,sft_eval,dpo_eval,grpo_eval
 
-.PHONY: install zoo demo test test-fast dev clean system-deps
+.PHONY: install zoo demo prove test test-fast dev clean system-deps
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,26 @@ demo: install zoo $(DAGSTER_HOME)/dagster.yaml
 	@echo "== materializing corpora, training runs and evals"
 	$(DAGSTER) asset materialize -m pipelines.definitions --select "$(UNPARTITIONED)"
 	@$(PY) -m pipelines.cli summary
+
+# The proving ground (README "Proving ground"): the whole graph on the proving profile in its own data root and
+# Dagster home, then every recipe and control graded by the verifier on held-out prompts; the last line is `prove:`.
+PROVE_DATA ?= $(CURDIR)/data/prove
+PROVE_HOME ?= $(CURDIR)/.dagster_home_prove
+PROVE_PROMPTS ?= 240
+PROVE_PROFILE ?= proving
+PROVE_ENV := PREFMILL_PROFILE=$(PROVE_PROFILE) PREFMILL_DATA=$(PROVE_DATA) DAGSTER_HOME=$(PROVE_HOME)
+PROVE_RUNS := sft_run,dpo_run,grpo_run,grpo_base_run,dpo_shuffled_run,grpo_verifier_run
+prove: install zoo
+	@mkdir -p $(PROVE_HOME) && cp dagster.yaml $(PROVE_HOME)/dagster.yaml
+	$(PROVE_ENV) $(PY) -m pipelines.proving_world $(PROVE_DATA)/inbox/proving 0 $(PROVE_PROMPTS) --tasks t2i --max-objects 1 --size 48
+	@for key in $$($(PROVE_ENV) $(PY) -m pipelines.cli register); do \
+	  echo "== materializing partition $$key"; \
+	  $(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key"; \
+	done
+	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "sft_corpus,preference_corpus,rl_prompt_pool"
+	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PROVE_RUNS)"
+	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select proving_report
+	@cat $(PROVE_DATA)/proving_report/report.md
 
 # Debian packages the tests drive for real: a PostgreSQL server (Dagster's Postgres storage, started by the test
 # itself on loopback in a temporary directory) and headless Chromium (the Playwright UI test). Installed only where

@@ -80,7 +80,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     dims = [d for d in all_dimensions() if d in labels.columns and ok[d].null_count() < len(ok)]
     means = {d: round(float(ok[d].mean()), 4) for d in dims} if len(ok) else {}
     for name in ("clip_t", "clip_i", "lambda_harmonic", "reward", "diversity"):
-        if len(ok) and ok[name].null_count() < len(ok):
+        if len(ok) and name in ok.columns and ok[name].null_count() < len(ok):
             means[name] = round(float(ok[name].mean()), 4)
     parse_errors = by_status.get("parse_error", 0)
     checks = settings.get("checks") or {}
@@ -88,6 +88,16 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     parse_rate = parse_errors / max(1, len(labels))
     agreement = judge_clip_agreement(labels)["agreement"]
     min_agreement = checks.get("min_judge_clip_agreement")
+    extra: dict = {}
+    if checks.get("verifier_agreement"):  # the proving ground: how the judge and CLIP agree with the verifier
+        from labelers.diagnostics import verifier_agreement
+
+        texts = {r["prompt_id"]: (r["task"], r["text"]) for r in prompts.select("prompt_id", "task", "text").to_dicts()}
+        agreement_v = verifier_agreement(labels, ok_images, texts)
+        extra["judge_verifier_agreement"] = counts_md(
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in agreement_v.items()}, "measure", "value")
+        extra["verifier_pairwise_reward"] = agreement_v["pairwise_reward"]
+        context.log.info(f"agreement with the verifier: {agreement_v}")
     for row in labels.filter(pl.col("status") != "ok").head(10).iter_rows(named=True):
         context.log.warning(f"candidate {row['candidate_id']}: {row['status']}: {row['error']}")
     return dg.MaterializeResult(
@@ -114,6 +124,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
             "judge_diagnostics": dg.MetadataValue.md(diagnostics_markdown(labels)),
             "reward_histogram": histogram_md(ok["reward"].to_list()) if len(ok) else "no ok rows",
             "path": path_md(layout.labels(key)),
+            **extra,
         },
     )
 

@@ -38,10 +38,14 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,
-            trainer: str, inputs: dict[str, Any], config: dict[str, Any]) -> dg.MaterializeResult:
+            trainer: str, inputs: dict[str, Any], config: dict[str, Any],
+            run_name: str | None = None) -> dg.MaterializeResult:
+    """Run ``trainers.<trainer>`` on ``config``; its run directory lives under ``runs/<run_name>`` (default: the
+    trainer's name; the proving ground's controls run a trainer under another name)."""
     from pipelines.runs import finished_result, point_latest, run_dir
 
-    directory = run_dir(storage.layout, trainer, inputs, config)
+    run_name = run_name or trainer
+    directory = run_dir(storage.layout, run_name, inputs, config)
     result = finished_result(directory)
     reported: dict[str, Any] = {}
     if result is None:
@@ -60,7 +64,7 @@ def _launch(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, 
             raise dg.Failure(f"trainers.{trainer} exited without writing {directory / 'result.json'}")
     else:
         context.log.info(f"{trainer}: inputs and config unchanged, reusing {directory}")
-    point_latest(storage.layout, trainer, directory)
+    point_latest(storage.layout, run_name, directory)
     metrics = {k: v for k, v in result.get("final_metrics", {}).items() if isinstance(v, (int, float))}
     history = _read_metrics(directory / "metrics.jsonl")
     return dg.MaterializeResult(
@@ -88,13 +92,15 @@ def _corpus_input(storage: StorageResource, corpus: str) -> tuple[str, str]:
 
 
 def _train_on_corpus(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, storage: StorageResource,
-                     profile: ProfileResource, trainer: str, corpus: str) -> dg.MaterializeResult:
+                     profile: ProfileResource, trainer: str, corpus: str, run_name: str | None = None,
+                     **overrides: Any) -> dg.MaterializeResult:
     """Train on the latest version of ``corpus``; the run is keyed by that version, so it retrains only when the
     corpus (or the trainer's config) changed."""
     corpus_dir, version = _corpus_input(storage, corpus)
     _, config = _trainer_settings(profile, trainer)
     config["corpus_dir"] = str(corpus_dir)
-    return _launch(context, pipes, storage, trainer, {corpus: version}, config)
+    config.update(overrides)
+    return _launch(context, pipes, storage, trainer, {corpus: version}, config, run_name)
 
 
 def training_model(settings: dict[str, Any]) -> str:
@@ -125,6 +131,29 @@ def _trainer_settings(profile: ProfileResource, trainer: str) -> tuple[dict[str,
     return settings, {"pretrained_model": resolve_model(training_model(settings)), **base}
 
 
+def grpo_settings(storage: StorageResource, profile: ProfileResource, **overrides: Any
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs, config) of a GRPO run on the RL prompt pool with the profile's rewards; ``overrides`` last."""
+    from labelers.hashing import content_id
+    from pipelines.io import file_sha256
+    from pipelines.zoo import resolve_model
+
+    pool_path = storage.layout.asset_dir("rl_prompt_pool") / "pool.parquet"
+    if not pool_path.exists():
+        raise dg.Failure(f"no RL prompt pool at {pool_path}; materialize rl_prompt_pool first")
+    settings, config = _trainer_settings(profile, "grpo")
+    config.update(
+        prompt_pool=str(pool_path),
+        clip_model=resolve_model(settings["clip"]["model"]), clip_backend=settings["clip"].get("backend", "open_clip"),
+        lambdas=settings["rewards"]["lambda"],
+    )
+    drs = settings["rewards"].get("drs", {})
+    config.update(use_drs=bool(drs.get("enabled")), drs_k0=drs.get("k0", 10.0), drs_k1=drs.get("k1", 3.0),
+                  drs_tau=drs.get("tau", 0.65))
+    config.update(overrides)
+    return {"rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}, config
+
+
 @dg.asset(deps=[sft_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
 def sft_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
             pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
@@ -144,24 +173,12 @@ def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profil
              pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """GRPO from the SFT adapter (DyRef's second stage): online groups scored with CLIP λ-Harmonic, DRS-sharpened
     reference similarities, DAR focal group weights; held-out λ-Harmonic picks the checkpoint kept."""
-    from labelers.hashing import content_id
-    from pipelines.io import file_sha256
     from pipelines.runs import latest_run
-    from pipelines.zoo import resolve_model
 
     sft_dir = latest_run(storage.layout, "sft")
     if sft_dir is None:
         raise dg.Failure("grpo_run starts from the SFT adapter: materialize sft_run first")
-    pool_path = storage.layout.asset_dir("rl_prompt_pool") / "pool.parquet"
-    settings, config = _trainer_settings(profile, "grpo")
     sft_result = json.loads((sft_dir / "result.json").read_text())
-    config.update(
-        init_adapter=sft_result["adapter_path"], prompt_pool=str(pool_path),
-        clip_model=resolve_model(settings["clip"]["model"]), clip_backend=settings["clip"].get("backend", "open_clip"),
-        lambdas=settings["rewards"]["lambda"],
-    )
-    drs = settings["rewards"].get("drs", {})
-    config.update(use_drs=bool(drs.get("enabled")), drs_k0=drs.get("k0", 10.0), drs_k1=drs.get("k1", 3.0),
-                  drs_tau=drs.get("tau", 0.65))
-    inputs = {"sft_run": sft_dir.name, "rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}
+    inputs, config = grpo_settings(storage, profile, init_adapter=sft_result["adapter_path"])
+    inputs["sft_run"] = sft_dir.name
     return _launch(context, pipes_subprocess_client, storage, "grpo", inputs, config)

@@ -226,3 +226,66 @@ __all__ = [
     "SCORES", "diagnostics_markdown", "judge_clip_agreement", "label_dimensions", "parse_error_rate",
     "position_bias_counts", "position_bias_rate", "score_histograms", "status_counts",
 ]
+
+
+def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
+                       prompts: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """How the labels agree with the proving ground's verifier (:mod:`labelers.verifier`) on world prompts.
+
+    ``images``: candidate_id -> PIL image; ``prompts``: prompt_id -> (task, text). Candidates whose prompt the
+    verifier cannot read (not the world's grammar) are skipped and counted. Returns ``exact`` / ``within_1``: the
+    share of (candidate, dimension) judge scores equal to / within 1 of the verifier's; ``pairwise_<x>``: the share
+    of same-prompt candidate pairs the verifier tells apart (different share of true facts) that ``x`` (``judge``:
+    the mean judge score, ``clip``: CLIP_T, ``reward``: the aggregate reward) orders the same way."""
+    from labelers.judge import JudgeItem
+    from labelers.verifier import PromptParseError, verify
+
+    ok = _ok(labels)
+    exact = within = total = skipped = 0
+    rows: list[tuple[str, float, float, float, float]] = []
+    for row in ok.iter_rows(named=True):
+        task, text = prompts.get(row["prompt_id"], (None, None))
+        image = images.get(row["candidate_id"])
+        if task != "t2i" or image is None or isinstance(image, Exception):
+            skipped += 1
+            continue
+        try:
+            v = verify(JudgeItem(key=row["candidate_id"], task=task, text=text, image=image))
+        except PromptParseError:
+            skipped += 1
+            continue
+        judged = [float(row[d]) for d in v.scores if row.get(d) is not None]
+        for d in v.scores:
+            if row.get(d) is None:
+                continue
+            total += 1
+            exact += int(float(row[d]) == v.scores[d])
+            within += int(abs(float(row[d]) - v.scores[d]) <= 1)
+        share = sum(f.passed for f in v.facts) / max(1, len(v.facts))
+        rows.append((row["prompt_id"], share, float(np.mean(judged)) if judged else float("nan"),
+                     float(row.get("clip_t") or float("nan")), float(row.get("reward") or float("nan"))))
+    pairs = {"judge": [0, 0], "clip": [0, 0], "reward": [0, 0]}
+    by_prompt: dict[str, list[tuple]] = {}
+    for r in rows:
+        by_prompt.setdefault(r[0], []).append(r)
+    for group in by_prompt.values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                a, b = group[i], group[j]
+                if a[1] == b[1]:
+                    continue
+                truth = a[1] > b[1]
+                for k, name in ((2, "judge"), (3, "clip"), (4, "reward")):
+                    if np.isnan(a[k]) or np.isnan(b[k]) or a[k] == b[k]:
+                        continue
+                    pairs[name][0] += int((a[k] > b[k]) == truth)
+                    pairs[name][1] += 1
+    return {
+        "candidates": len(rows),
+        "skipped": skipped,
+        "exact": exact / total if total else None,
+        "within_1": within / total if total else None,
+        "fully_correct": float(np.mean([r[1] == 1.0 for r in rows])) if rows else None,
+        **{f"pairwise_{name}": (agree / n if n else None) for name, (agree, n) in pairs.items()},
+        "pairwise_n": pairs["reward"][1],
+    }

@@ -50,7 +50,9 @@ training_job = dg.define_asset_job(
 
 corpus_and_training_job = dg.define_asset_job(
     "corpus_and_training_job",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*PARTITIONED_ASSETS),
+    selection=(dg.AssetSelection.all() - dg.AssetSelection.assets(*PARTITIONED_ASSETS)
+               - dg.AssetSelection.groups("proving")  # the proving ground runs only under `make prove`
+               - dg.AssetSelection.groups("subject")),  # a subject run is launched on demand, with its subject
     description="Corpora from every labelled batch, then SFT -> GRPO, DPO, and their evals.",
 )
 

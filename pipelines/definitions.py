@@ -17,7 +17,9 @@ from assets.evals import dpo_eval, grpo_eval, sft_eval
 from assets.labels import reward_labels
 from assets.pairs import preference_pairs
 from assets.pool import rl_prompt_pool
+from assets.proving import PROVING_ASSETS
 from assets.prompts import prompt_batches
+from assets.subject import subject_run
 from assets.training import dpo_run, grpo_run, sft_run
 from pipelines.automation import (
     corpora_job,
@@ -76,6 +78,8 @@ ALL_ASSETS = [
     prompt_batches, candidate_images, reward_labels, preference_pairs,
     sft_corpus, preference_corpus, rl_prompt_pool,
     sft_run, dpo_run, grpo_run, sft_eval, dpo_eval, grpo_eval,
+    *PROVING_ASSETS,
+    subject_run,
 ]
 
 

@@ -164,10 +164,18 @@ def _first_mention_order(relations: list[Relation], n: int) -> list[int]:
     return order + [g for g in range(n) if g not in order]
 
 
-def sample_t2i(rng: random.Random) -> tuple[T2ISpec, Scene]:
+def sample_t2i(rng: random.Random, max_objects: int = 3) -> tuple[T2ISpec, Scene]:
+    """A t2i prompt and its scene; ``max_objects`` < 3 draws from the simpler part of the world only (the proving
+    ground's generator learns single objects first)."""
     background, texture, tseed = _background(rng)
-    n_groups = rng.choice((1, 2, 2, 3))
-    counts = {1: [rng.choice((1, 1, 2, 3))], 2: rng.choice(([1, 1], [1, 1], [2, 1], [1, 2])), 3: [1, 1, 1]}[n_groups]
+    n_groups = rng.choice((1, 2, 2, 3)) if max_objects >= 3 else rng.choice((1, 2, 2)[:2 * max_objects - 1])
+    if max_objects == 1:
+        counts = {1: [1]}
+    else:
+        counts = {1: [rng.choice((1, 1, 2, 3))], 2: rng.choice(([1, 1], [1, 1], [2, 1], [1, 2])), 3: [1, 1, 1]}
+    counts = counts[n_groups]
+    if sum(counts) > max_objects:
+        counts = [1] * n_groups
     keys = _keys(rng, n_groups)
     sizes = [rng.choice(list(SIZES)) for _ in keys]
     while True:
@@ -254,11 +262,12 @@ def sample_multi_ref(rng: random.Random) -> tuple[MultiRefSpec, tuple[Scene, ...
     return MultiRefSpec(n, tuple(relations), background), tuple(refs), target
 
 
-def world_item(seed: int, task: str, index: int) -> WorldItem:
-    """Item ``index`` of ``task`` in the world of ``seed`` (a pure function of the three)."""
-    rng = random.Random(f"prefmill-proving:{seed}:{task}:{index}")
+def world_item(seed: int, task: str, index: int, max_objects: int = 3) -> WorldItem:
+    """Item ``index`` of ``task`` in the world of ``seed`` (a pure function of the four; ``max_objects`` bounds the
+    objects of a t2i scene, 1..3)."""
+    rng = random.Random(f"prefmill-proving:{seed}:{task}:{index}" + (f":max{max_objects}" if max_objects < 3 else ""))
     if task == "t2i":
-        spec, scene = sample_t2i(rng)
+        spec, scene = sample_t2i(rng, max_objects)
         return WorldItem(task, t2i_text(spec), spec, scene, tags=["proving", f"groups-{len(spec.groups)}"])
     if task == "edit":
         spec, source, scene = sample_edit(rng)
@@ -270,13 +279,14 @@ def world_item(seed: int, task: str, index: int) -> WorldItem:
     raise ValueError(f"unknown task {task!r}")
 
 
-def world_items(seed: int, task: str, n: int) -> list[WorldItem]:
-    return [world_item(seed, task, i) for i in range(n)]
+def world_items(seed: int, task: str, n: int, max_objects: int = 3) -> list[WorldItem]:
+    return [world_item(seed, task, i, max_objects) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ batches
 def write_batch(out_dir: str | Path, seed: int, n_per_task: int | dict[str, int] = 12, size: int = DEFAULT_SIZE,
-                heldout_fraction: float = 0.2, name: str | None = None) -> tuple[Path, list[WorldItem]]:
+                heldout_fraction: float = 0.2, name: str | None = None,
+                max_objects: int = 3) -> tuple[Path, list[WorldItem]]:
     """Write ``out_dir/<name>.jsonl`` (default ``proving-<seed>``) with the world's prompts and the edit sources /
     references under ``out_dir/images/`` (named by content hash, so identical pictures are written once).
     Returns the file and its items (duplicates of an earlier row — same task, text and pictures — skipped)."""
@@ -296,7 +306,7 @@ def write_batch(out_dir: str | Path, seed: int, n_per_task: int | dict[str, int]
 
     for task, n in counts.items():
         for i in range(n):
-            item = world_item(seed, task, i)
+            item = world_item(seed, task, i, max_objects)
             item.split = "heldout" if split_rng.random() < heldout_fraction else "train"
             source = save(item.source) if item.source is not None else None
             refs = [save(r) for r in item.references]
@@ -314,9 +324,27 @@ def write_batch(out_dir: str | Path, seed: int, n_per_task: int | dict[str, int]
     return path, items
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.proving_world",
+                                     description="write one prompt batch of the proving ground's world")
+    parser.add_argument("out", nargs="?", default="proving", type=Path)
+    parser.add_argument("seed", nargs="?", default=0, type=int)
+    parser.add_argument("n", nargs="?", default=12, type=int, help="prompts per task")
+    parser.add_argument("--tasks", default="t2i,edit,multi_ref", help="comma-separated")
+    parser.add_argument("--max-objects", type=int, default=3, help="objects per t2i scene, 1..3")
+    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="pixels of the edit sources / references")
+    parser.add_argument("--name", default=None, help="batch file name (default proving-<seed>)")
+    args = parser.parse_args(argv)
+    counts = {t.strip(): args.n for t in args.tasks.split(",") if t.strip()}
+    written, items = write_batch(args.out, args.seed, counts, size=args.size, heldout_fraction=args.heldout_fraction,
+                                 name=args.name, max_objects=args.max_objects)
+    heldout = sum(it.split == "heldout" for it in items)
+    print(f"wrote {len(items)} prompts ({heldout} held out) to {written}")
+    return 0
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("proving")
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 12
-    written, its = write_batch(target, seed, n)
-    print(f"wrote {len(its)} prompts to {written}")
+    sys.exit(main())

@@ -42,7 +42,12 @@ _BUILDERS: dict[str, str] = {
     "flux_kontext": "pipelines.zoo.families:build_flux_kontext",
     "qwen_image": "pipelines.zoo.families:build_qwen_image",
     "qwen_image_edit": "pipelines.zoo.families:build_qwen_image_edit",
+    # trained on the proving ground's world; built on first use of zoo:<name>, never by `make zoo`
+    "world_gen": "pipelines.zoo.trained:build_world_gen",
+    "world_clip": "pipelines.zoo.trained:build_world_clip",
+    "world_judge": "pipelines.zoo.trained:build_world_judge",
 }
+TRAINED_COMPONENTS = ("world_gen", "world_clip", "world_judge")
 
 
 def zoo_root() -> Path:
@@ -59,17 +64,26 @@ def component_path(name: str, root: Path | None = None) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    """True when ``path`` holds a component built by the current ``ZOO_VERSION``."""
+    """True when ``path`` holds a component built by the current ``ZOO_VERSION`` (and, for one built from shipped
+    trained files, from the files shipped now)."""
     marker = Path(path) / MARKER
     try:
-        return json.loads(marker.read_text()).get("zoo_version") == ZOO_VERSION
+        data = json.loads(marker.read_text())
+        if data.get("zoo_version") != ZOO_VERSION:
+            return False
+        shipped = (data.get("build") or {}).get("manifest_sha256")
     except (OSError, ValueError, AttributeError):
         return False
+    if shipped:  # built from shipped trained files: out of date once they change (a pull, a re-ship)
+        from pipelines.zoo.trained import manifest_sha256
+
+        return shipped == manifest_sha256(str(data.get("name")))
+    return True
 
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(f"unknown zoo component {name!r}; known: {', '.join(ZOO_COMPONENTS)}")
+        raise ValueError(f"unknown zoo component {name!r}; known: {', '.join(ZOO_COMPONENTS + TRAINED_COMPONENTS)}")
 
 
 def _builder(name: str):
@@ -121,7 +135,7 @@ def _build_one(name: str, root: Path) -> Path:
     try:
         started = time.time()
         builder = _builder(name)
-        builder(tmp)
+        info = builder(tmp)
         marker = {
             "zoo_version": ZOO_VERSION,
             "name": name,
@@ -129,6 +143,8 @@ def _build_one(name: str, root: Path) -> Path:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.time() - started, 3),
         }
+        if isinstance(info, dict):  # what a trained component's builder reports (its eval numbers)
+            marker["build"] = info
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _fsync_tree(tmp)
         if target.exists():  # outdated or forced: move aside, then swap in

@@ -20,6 +20,7 @@ ASSETS = [
     "prompt_batches", "candidate_images", "reward_labels", "preference_pairs",
     "sft_corpus", "preference_corpus", "rl_prompt_pool",
     "sft_run", "dpo_run", "grpo_run", "sft_eval", "dpo_eval", "grpo_eval",
+    "grpo_base_run", "dpo_shuffled_run", "grpo_verifier_run", "proving_report", "subject_run",
 ]
 PARTITIONED = ["prompt_batches", "candidate_images", "reward_labels", "preference_pairs"]
 JOB = "label_batch_job"
@@ -57,7 +58,7 @@ def test_lineage_graph_shows_every_asset(ui_page, tmp_path):
     page.get_by_text("Global asset lineage", exact=True).wait_for(timeout=UI_TIMEOUT_MS)
     # Asset nodes are HTML inside the graph's SVG (foreignObject); the sidebar tree is outside any SVG.
     nodes = {name: page.locator("svg").get_by_text(name, exact=True).first for name in ASSETS}
-    # The graph starts with its five groups collapsed; the graph settings menu expands them all.
+    # The graph starts with its groups collapsed; the graph settings menu expands them all.
     for _ in range(3):  # a menu closed by something popping up (a dialog, a re-render) is opened again
         page.get_by_role("button", name="settings", exact=True).click()
         try:

@@ -8,7 +8,7 @@ def test_every_bundled_profile_loads(name):
     profile = load_profile(name)
     assert profile["name"] == name
     assert set(profile["generation"]["generators"]) == {"t2i", "edit", "multi_ref"}
-    assert profile["judge"]["backend"] in {"transformers", "vllm", "openai"}
+    assert profile["judge"]["backend"] in {"transformers", "vllm", "openai", "verifier"}
 
 
 def test_extends_replaces_whole_sections():

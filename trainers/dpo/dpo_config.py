@@ -25,3 +25,6 @@ class DPOConfig(LoRATrainingConfig):
     batch_size: int = 4  # pairs per optimizer step and process (before gradient accumulation)
     gradient_accumulation_steps: int = 1
     shuffle: bool = True
+    # Share of pairs whose labels are swapped (seeded per pair): 0 trains on the corpus as labelled, 0.5 is the
+    # proving ground's shuffled-label control (no preference left to learn), 1 trains on flipped labels.
+    label_flip: float = 0.0

@@ -18,6 +18,17 @@ from typing import Any
 from trainers.dpo.dpo_config import DPOConfig
 
 
+def _flipped(pair: tuple, seed: int, share: float) -> bool:
+    """Whether ``pair``'s labels are swapped under ``label_flip = share``: a hash of the seed and the pair's images'
+    caption and ids, so the same pairs flip in every epoch, process and resume."""
+    import hashlib
+
+    meta = pair[5] if len(pair) > 5 and isinstance(pair[5], dict) else {}
+    ident = meta.get("pair_id") or meta.get("__key__") or pair[2]
+    digest = hashlib.sha256(f"{seed}:{ident}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def train(config: DPOConfig | dict | str) -> dict[str, Any]:
     """Train, checkpoint, and write ``adapter/``, ``metrics.jsonl``, ``result.json`` into ``output_dir``."""
     import torch
@@ -37,6 +48,8 @@ def train(config: DPOConfig | dict | str) -> dict[str, Any]:
                                drop_ties=cfg.drop_ties, rank=acc.process_index, world_size=acc.num_processes)
 
     tasks = set(cfg.tasks) if cfg.tasks else None
+    if not 0.0 <= cfg.label_flip <= 1.0:
+        raise ValueError(f"label_flip must be within [0, 1], got {cfg.label_flip}")
 
     def next_batch() -> dict[str, Any]:
         nonlocal raw_consumed
@@ -45,6 +58,9 @@ def train(config: DPOConfig | dict | str) -> dict[str, Any]:
             raw_consumed, pair = next(stream)
             if tasks is not None and str(pair[-1].get("task") or "t2i") not in tasks:
                 continue  # a task this run does not train (cfg.tasks)
+            if cfg.label_flip and _flipped(pair, cfg.seed, cfg.label_flip):
+                img_0, img_1, caption, label_0, label_1, *rest = pair
+                pair = (img_0, img_1, caption, label_1, label_0, *rest)
             items.append(pair)
         return collate_preference(items, cfg.resolution)
 

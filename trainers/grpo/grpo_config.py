@@ -50,7 +50,9 @@ class GRPOConfig(LoRATrainingConfig):
     train_timestep_fraction: float = 1.0  # fraction of the recorded DDIM steps trained on per update
     num_inner_epochs: int = 1  # passes over each collected batch (>1 makes the PPO clip matter)
     train_micro_batch: int = 8  # trajectories per forward/backward chunk
-    # reward
+    # reward: "clip" (λ-Harmonic of CLIP similarities, below) or "verifier" (the proving ground's fact checker,
+    # labelers.verifier: the share of the prompt's facts the image satisfies; an upper bound on label quality)
+    reward: str = "clip"
     lambdas: dict[str, float] = field(default_factory=_default_lambdas)
     default_lambda: float = 0.5  # for tasks missing from ``lambdas``
     use_drs: bool = True  # DyRef DRS: sharpen per-reference sims σ(k(s-τ)), k = k0 + k1(n_refs-2)

@@ -107,6 +107,36 @@ class ClipReward:
         return {k: [p[k] for p in per] for k in per[0]} if per else {}
 
 
+class VerifierReward(ClipReward):
+    """``reward``: the share of the prompt's facts that the proving ground's verifier finds true in the image
+    (:mod:`labelers.verifier`); the CLIP pieces (``lambda_harmonic``, ``clip_t``, ...) are computed as
+    :class:`ClipReward` does, so held-out selection and the logged curves mean the same as with the CLIP reward."""
+
+    def __call__(self, images: list, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+        from PIL import Image
+
+        from labelers.judge import JudgeItem
+        from labelers.verifier import verify
+
+        out = super().__call__(images, rows)
+        shares = []
+        for image, row in zip(images, rows):
+            source = None
+            if row.get("source_image"):
+                with Image.open(row["source_image"]) as im:
+                    source = im.convert("RGB")
+            item = JudgeItem(key="", task=str(row.get("task", "t2i")), text=row["text"], image=image,
+                             source_image=source, reference_images=self._references(row))
+            facts = verify(item).facts
+            shares.append(sum(f.passed for f in facts) / max(1, len(facts)))
+        out["reward"] = shares
+        out["verifier_facts"] = list(shares)
+        return out
+
+
+REWARDS = {"clip": ClipReward, "verifier": VerifierReward}
+
+
 # --------------------------------------------------------------------------------------------- sampling
 def sde_window(cfg: GRPOConfig, step: int) -> list[int] | None:
     """The sampler steps that are stochastic (and trained) at optimizer step ``step``: all of them, or a window of
@@ -179,6 +209,8 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
         raise ValueError("GRPOConfig.prompt_pool is required")
     if cfg.eta <= 0:
         raise ValueError("GRPO needs a stochastic sampler: eta > 0")
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg.reward!r}")
     if cfg.kl_type not in ("latent", "velocity"):
         raise ValueError(f"kl_type must be 'latent' or 'velocity', got {cfg.kl_type!r}")
     pool = load_prompt_pool(cfg.prompt_pool)
@@ -199,7 +231,7 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
     for task in sorted({str(r.get("task", "t2i")) for r in train_rows + heldout_rows}):
         family.check_task(task)  # refuse (naming task and family) before any sampling
     if reward_fn is None:
-        reward_fn = ClipReward(cfg, device=str(device)).setup()
+        reward_fn = REWARDS[cfg.reward](cfg, device=str(device)).setup()
     size = cfg.resolution
     best = {"score": s.extra.get("best_heldout"), "step": s.extra.get("best_step")}
     if not heldout_rows:

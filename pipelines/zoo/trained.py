@@ -1,0 +1,125 @@
+"""The proving ground's trained zoo components (built on first use of ``zoo:<name>``, not by ``make zoo``).
+
+* ``world_gen``: the zoo's tiny FLUX pipeline (``build_flux``, byte-identical on every machine) with the transformer,
+  VAE and T5 window trained on the procedural world by ``python -m pipelines.proving_train generator``. That run
+  takes ~15 minutes on 2 cores, so its output files are shipped in ``pipelines/zoo/trained/world_gen/`` (a few MB,
+  with ``MANIFEST.json``: each file's sha256, the exact command, and the trained model's measured skill) and laid
+  over the base build here; a file whose hash differs from the manifest is refused.
+* ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip``),
+  trained here on first use (~2 minutes on 2 cores; seeded).
+
+* ``world_judge``: the zoo judge fine-tuned on the verifier's answers (``python -m pipelines.proving_judge``, ~8
+  minutes), shipped the same way (``model.safetensors`` laid over ``zoo:judge``).
+
+Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-judge RUN_DIR
+COMMAND...`` on a training run's output directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+SHIPPED = Path(__file__).resolve().parent / "trained"
+MANIFEST = "MANIFEST.json"
+# what a world_gen run changes in the base flux build (everything else is build_flux's, byte for byte)
+WORLD_GEN_FILES = (
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "tokenizer_2/tokenizer_config.json",
+)
+WORLD_CLIP_STEPS = 600
+WORLD_CLIP_SEED = 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _overlay(name: str, out_dir: Path, base: str) -> dict[str, Any]:
+    """Build the zoo component ``base`` into ``out_dir`` and lay the shipped trained files of ``name`` over it."""
+    from pipelines.zoo import MARKER, _builder
+
+    manifest = json.loads((SHIPPED / name / MANIFEST).read_text())
+    _builder(base)(out_dir)
+    (out_dir / MARKER).unlink(missing_ok=True)
+    for rel, digest in manifest["files"].items():
+        src = SHIPPED / name / rel
+        if _sha256(src) != digest:
+            raise RuntimeError(f"shipped {name} file {src} does not match {MANIFEST} (sha256 {digest[:16]})")
+        dst = out_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return {"trained_by": manifest["command"], "eval": manifest.get("eval"), "manifest_sha256": manifest_sha256(name)}
+
+
+def manifest_sha256(name: str) -> str | None:
+    """The shipped manifest's hash: a built component whose marker holds another one is out of date."""
+    path = SHIPPED / name / MANIFEST
+    return _sha256(path) if path.exists() else None
+
+
+def build_world_gen(out_dir: Path) -> dict[str, Any]:
+    """The base tiny FLUX build with the shipped trained files laid over it (hashes checked)."""
+    return _overlay("world_gen", out_dir, "flux")
+
+
+def build_world_judge(out_dir: Path) -> dict[str, Any]:
+    """The zoo judge with the shipped fine-tuned weights (``python -m pipelines.proving_judge``) laid over it."""
+    return _overlay("world_judge", out_dir, "judge")
+
+
+def build_world_clip(out_dir: Path) -> dict[str, Any]:
+    """Train the world CLIP into ``out_dir`` (seeded; ~2 minutes on 2 cores)."""
+    from pipelines.proving_train import train_world_clip
+
+    marker = train_world_clip(out_dir, seed=WORLD_CLIP_SEED, steps=WORLD_CLIP_STEPS, eval_baseline=False,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    return {"trained_by": f"train_world_clip(seed={WORLD_CLIP_SEED}, steps={WORLD_CLIP_STEPS})",
+            "eval": marker.get("eval")}
+
+
+def ship(name: str, run_dir: Path, files: tuple[str, ...], command: str, info: dict[str, Any]) -> Path:
+    """Copy a training run's ``files`` into ``pipelines/zoo/trained/<name>`` with a manifest of their hashes, the
+    command that made them and what it measured (``info``)."""
+    target = SHIPPED / name
+    target.mkdir(parents=True, exist_ok=True)
+    hashes = {}
+    for rel in files:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(run_dir) / rel, target / rel)
+        hashes[rel] = _sha256(target / rel)
+    (target / MANIFEST).write_text(json.dumps({"command": command, "files": hashes, **info}, indent=2) + "\n")
+    return target
+
+
+def ship_world_gen(run_dir: Path, command: str) -> Path:
+    from pipelines.zoo import MARKER
+
+    marker = json.loads((Path(run_dir) / MARKER).read_text())
+    keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects", "text_tokens",
+            "vae", "train_seconds", "build_seconds", "eval", "eval_curve")
+    return ship("world_gen", run_dir, WORLD_GEN_FILES, command, {k: marker.get(k) for k in keep})
+
+
+def ship_world_judge(run_dir: Path, command: str) -> Path:
+    info = json.loads((Path(run_dir) / "train_info.json").read_text())
+    return ship("world_judge", run_dir, ("model.safetensors",), command, info)
+
+
+if __name__ == "__main__":
+    shippers = {"ship-world-gen": ship_world_gen, "ship-world-judge": ship_world_judge}
+    if len(sys.argv) >= 4 and sys.argv[1] in shippers:
+        print(shippers[sys.argv[1]](Path(sys.argv[2]), " ".join(sys.argv[3:])))
+    else:
+        sys.exit("usage: python -m pipelines.zoo.trained ship-world-gen|ship-world-judge RUN_DIR COMMAND...")

@@ -1,0 +1,58 @@
+"""The proving ground's shipped trained components (pipelines/zoo/trained.py): laid over the base zoo build with
+their hashes checked, and rebuilt when the shipped files change."""
+
+import json
+
+import pytest
+
+from pipelines import zoo
+from pipelines.zoo import trained
+
+
+@pytest.fixture()
+def shipped(tmp_path, monkeypatch):
+    """A fake shipped component 'world_judge' over a fake base builder (no model build in this test)."""
+    ship = tmp_path / "shipped"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"trained weights")
+    (run / "train_info.json").write_text(json.dumps({"eval": {"exact": 0.5}}))
+    monkeypatch.setattr(trained, "SHIPPED", ship)
+
+    def fake_base(out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"random weights")
+        (out_dir / "config.json").write_text("{}")
+
+    original = zoo._builder
+    monkeypatch.setattr(zoo, "_builder", lambda name: fake_base if name == "judge" else original(name))
+    trained.ship_world_judge(run, "python -m pipelines.proving_judge --out DIR")
+    return ship
+
+
+def test_overlay_replaces_the_base_files_and_records_the_manifest(shipped, tmp_path):
+    out = tmp_path / "built"
+    out.mkdir()
+    info = trained.build_world_judge(out)
+    assert (out / "model.safetensors").read_bytes() == b"trained weights"
+    assert (out / "config.json").exists()  # the base build's other files stay
+    assert info["trained_by"] == "python -m pipelines.proving_judge --out DIR"
+    assert info["eval"] == {"exact": 0.5} and info["manifest_sha256"] == trained.manifest_sha256("world_judge")
+
+
+def test_a_shipped_file_that_does_not_match_its_hash_is_refused(shipped, tmp_path):
+    (shipped / "world_judge" / "model.safetensors").write_bytes(b"tampered")
+    out = tmp_path / "built"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="does not match MANIFEST.json"):
+        trained.build_world_judge(out)
+
+
+def test_a_component_built_from_older_shipped_files_is_out_of_date(shipped, tmp_path):
+    root = tmp_path / "zoo"
+    built = zoo.build_zoo(root=root, only="world_judge")["world_judge"]
+    assert zoo.is_complete(built)
+    manifest = shipped / "world_judge" / "MANIFEST.json"
+    manifest.write_text(manifest.read_text().replace("--out DIR", "--out DIR --steps 9"))  # a re-ship
+    assert not zoo.is_complete(built)
+    zoo.build_zoo(root=root, only="world_judge")
+    assert zoo.is_complete(built)
