@@ -46,12 +46,13 @@ demo: install zoo $(DAGSTER_HOME)/dagster.yaml
 # Dagster home, then every recipe and control graded by the verifier on held-out prompts; the last line is `prove:`.
 PROVE_DATA ?= $(CURDIR)/data/prove
 PROVE_HOME ?= $(CURDIR)/.dagster_home_prove
-PROVE_PROMPTS ?= 240
+PROVE_PROMPTS ?= 160
 PROVE_PROFILE ?= proving
 PROVE_ENV := PREFMILL_PROFILE=$(PROVE_PROFILE) PREFMILL_DATA=$(PROVE_DATA) DAGSTER_HOME=$(PROVE_HOME)
 PROVE_RUNS := sft_run,dpo_run,grpo_run,grpo_base_run,dpo_shuffled_run,grpo_verifier_run
 prove: install zoo
-	@mkdir -p $(PROVE_HOME) && cp dagster.yaml $(PROVE_HOME)/dagster.yaml
+	@# two 1-thread trainers at a time on the CPU (the gpu pool's limit is 1 elsewhere: one job per GPU)
+	@mkdir -p $(PROVE_HOME) && sed 's/default_limit: 1/default_limit: 2/' dagster.yaml > $(PROVE_HOME)/dagster.yaml
 	$(PROVE_ENV) $(PY) -m pipelines.proving_world $(PROVE_DATA)/inbox/proving 0 $(PROVE_PROMPTS) --tasks t2i --max-objects 1 --size 48
 	@for key in $$($(PROVE_ENV) $(PY) -m pipelines.cli register); do \
 	  echo "== materializing partition $$key"; \

@@ -345,6 +345,8 @@ GEN_VAE_SCHEDULE = ((500, 3e-3, 0.0), (250, 1e-3, 10.0), (500, 1e-3, 10.0))
 GEN_MAX_OBJECTS = 1  # the proving ground's t2i prompts: one object (colour, shape, size, place, background)
 GEN_GUIDANCE = 3.0
 OBJECT_PIXEL_WEIGHT = 10.0
+GEN_HEAD_DIM = 32
+GEN_AXES_ROPE = (8, 12, 12)
 
 
 def _scene_pixels(scenes: list[Scene], size: int, torch):
@@ -430,19 +432,25 @@ def _verify_pixels(pix, specs) -> dict[str, float]:
     return {"correct": round(correct / len(specs), 4), "facts": round(share / len(specs), 4)}
 
 
-def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: int):
-    """A FLUX transformer of the zoo's class and head dim / RoPE axes, ``heads`` x 16 wide."""
+def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: int, head_dim: int = GEN_HEAD_DIM,
+                             axes: tuple[int, int, int] = GEN_AXES_ROPE):
+    """A FLUX transformer of the zoo's class, ``heads`` x ``head_dim`` wide. FLUX has no absolute position
+    embedding: where a token is comes only from RoPE over ``axes`` (index, row, column) dims of each head. The zoo's
+    (4, 6, 6) gives a row or column 3 frequencies, one of which wraps around every ~6 tokens, and a model trained on
+    it scatters blobs over the canvas; (8, 12, 12) gives 6, enough to place an object."""
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from pipelines.zoo.families import CLIP_HIDDEN, FLUX_AXES_ROPE, FLUX_HEAD_DIM, FLUX_LATENT_CHANNELS, T5_HIDDEN
+    from pipelines.zoo.families import CLIP_HIDDEN, FLUX_LATENT_CHANNELS, T5_HIDDEN
 
+    if sum(axes) != head_dim:
+        raise ValueError(f"RoPE axes {axes} must sum to the head dim {head_dim}")
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, out_channels=None, num_layers=layers,
-        num_single_layers=single_layers, attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=heads,
+        num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
         joint_attention_dim=T5_HIDDEN, pooled_projection_dim=CLIP_HIDDEN, guidance_embeds=False,
-        axes_dims_rope=FLUX_AXES_ROPE)
+        axes_dims_rope=list(axes))
 
 
 def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = GEN_IMAGE_SIZE,
@@ -482,7 +490,7 @@ def train_world_generator(
     minutes: float | None = None,
     vae_schedule: tuple[tuple[int, float, float], ...] = GEN_VAE_SCHEDULE,
     vae_from: str | Path | None = None,
-    heads: int = 4,
+    heads: int = 2,
     layers: int = 1,
     single_layers: int = 2,
     cond_dropout: float = 0.1,
@@ -492,6 +500,8 @@ def train_world_generator(
     eval_every: int = 100,
     stop_at_correct: float | None = None,
     eval_guidance: tuple[float, ...] = (GEN_GUIDANCE,),
+    init_from: str | Path | None = None,
+    snapshot: bool = False,
     threads: int | None = 1,
     log_every: int = 25,
     log=print,
@@ -521,7 +531,12 @@ def train_world_generator(
             family = load_family(str(tmp))
             pipe = family.pipe
             torch.manual_seed(seed)
-            pipe.transformer = _bigger_flux_transformer(heads, layers, single_layers, seed)
+            if init_from:  # continue a saved run's transformer (its optimizer state is not kept)
+                from diffusers import FluxTransformer2DModel
+
+                pipe.transformer = FluxTransformer2DModel.from_pretrained(str(Path(init_from) / "transformer"))
+            else:
+                pipe.transformer = _bigger_flux_transformer(heads, layers, single_layers, seed)
             pipe.register_modules(transformer=pipe.transformer)
             family.freeze()
             family._train_size = image_size
@@ -558,6 +573,10 @@ def train_world_generator(
                 log(f"[world-gen] eval {label} step {done}: " + " | ".join(
                     f"cfg {g:g}: correct {row[f'cfg{g:g}']['correct']:.3f} facts {row[f'cfg{g:g}']['facts']:.3f}"
                     for g in eval_guidance) + f" ({row['train_seconds']}s)")
+                if snapshot and done:  # the whole pipeline so far, so a long run can be shipped or continued
+                    snap = out_dir.parent / f"{out_dir.name}.snapshot"
+                    pipe.save_pretrained(snap)
+                    (snap / "eval_curve.json").write_text(json.dumps(evals, indent=2) + "\n")
                 model.train()
 
             train_start, eval_spent = time.time(), 0.0
@@ -621,7 +640,8 @@ def train_world_generator(
             "batch": batch,
             "image_size": image_size,
             "lr": lr,
-            "transformer": {"heads": heads, "head_dim": 16, "layers": layers, "single_layers": single_layers,
+            "transformer": {"heads": heads, "head_dim": GEN_HEAD_DIM, "axes_dims_rope": list(GEN_AXES_ROPE),
+                            "layers": layers, "single_layers": single_layers,
                             "params": sum(p.numel() for p in pipe.transformer.parameters())},
             "cond_dropout": cond_dropout,
             "max_objects": max_objects,
@@ -666,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--minutes", type=float, default=None, help="stop training after this much wall time")
     g.add_argument("--vae-from", default=None, help="load an already fitted VAE directory instead")
-    g.add_argument("--heads", type=int, default=4, help="transformer width = heads x 16")
+    g.add_argument("--init-from", default=None, help="start from a saved pipeline's transformer (e.g. a snapshot)")
+    g.add_argument("--snapshot", action="store_true", help="save the pipeline to OUT.snapshot at every evaluation")
+    g.add_argument("--heads", type=int, default=2, help=f"transformer width = heads x {GEN_HEAD_DIM}")
     g.add_argument("--layers", type=int, default=1)
     g.add_argument("--single-layers", type=int, default=2)
     g.add_argument("--text-tokens", type=int, default=48, help="T5 window (0: the zoo's 512)")
@@ -680,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "generator":
         marker = train_world_generator(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                                        image_size=args.image_size, lr=args.lr, minutes=args.minutes,
-                                       vae_from=args.vae_from, heads=args.heads,
+                                       vae_from=args.vae_from, init_from=args.init_from,
+                                       snapshot=args.snapshot, heads=args.heads,
                                        layers=args.layers,
                                        single_layers=args.single_layers, eval_n=args.eval_n,
                                        text_tokens=args.text_tokens or None,
