@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
@@ -32,14 +32,19 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 zoo: install
 	$(PY) -m pipelines.zoo
 
+# Dagster's CLI prints every event at DEBUG: the full output goes to $(DEMO_LOG), the terminal gets one line per
+# finished step, progress bars and the summary (pipelines/progress.py).
+DEMO_LOG ?= data/demo.log
 demo: install zoo $(DAGSTER_HOME)/dagster.yaml
-	$(PY) -m pipelines.cli seed-inbox
-	@for key in $$($(PY) -m pipelines.cli register); do \
-	  echo "== materializing partition $$key"; \
-	  $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key"; \
+	@mkdir -p $(dir $(DEMO_LOG)) && : > $(DEMO_LOG) && echo "== full log: $(DEMO_LOG)"
+	@$(PY) -m pipelines.cli seed-inbox >> $(DEMO_LOG)
+	@for key in $$($(PY) -m pipelines.cli register 2>> $(DEMO_LOG)); do \
+	  echo "== partition $$key: candidates, labels, pairs"; \
+	  $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key" 2>&1 \
+	    | $(PY) -m pipelines.progress $(DEMO_LOG); \
 	done
-	@echo "== materializing corpora, training runs and evals"
-	$(DAGSTER) asset materialize -m pipelines.definitions --select "$(UNPARTITIONED)"
+	@echo "== corpora, training runs and evals"
+	@$(DAGSTER) asset materialize -m pipelines.definitions --select "$(UNPARTITIONED)" 2>&1 | $(PY) -m pipelines.progress $(DEMO_LOG)
 	@$(PY) -m pipelines.cli summary
 
 # The proving ground (README "Proving ground"): the whole graph on the proving profile in its own data root and
@@ -53,14 +58,17 @@ PROVE_RUNS := sft_run,dpo_run,grpo_run,grpo_base_run,dpo_shuffled_run,grpo_verif
 prove: install zoo
 	@# two 1-thread trainers at a time on the CPU (the gpu pool's limit is 1 elsewhere: one job per GPU)
 	@mkdir -p $(PROVE_HOME) && sed 's/default_limit: 1/default_limit: 2/' dagster.yaml > $(PROVE_HOME)/dagster.yaml
+	@mkdir -p $(PROVE_DATA) && : > $(PROVE_DATA)/prove.log && echo "== full log: $(PROVE_DATA)/prove.log"
 	$(PROVE_ENV) $(PY) -m pipelines.proving_world $(PROVE_DATA)/inbox/proving 0 $(PROVE_PROMPTS) --tasks t2i --max-objects 1 --size 48
 	@for key in $$($(PROVE_ENV) $(PY) -m pipelines.cli register); do \
-	  echo "== materializing partition $$key"; \
-	  $(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key"; \
+	  echo "== partition $$key: candidates, labels, pairs"; \
+	  $(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key" \
+	    2>&1 | $(PY) -m pipelines.progress $(PROVE_DATA)/prove.log; \
 	done
-	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "sft_corpus,preference_corpus,rl_prompt_pool"
-	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PROVE_RUNS)"
-	$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select proving_report
+	@echo "== corpora, six training runs (two at a time), the report"
+	@$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions \
+	  --select "sft_corpus,preference_corpus,rl_prompt_pool,$(PROVE_RUNS),proving_report" \
+	  2>&1 | $(PY) -m pipelines.progress $(PROVE_DATA)/prove.log
 	@cat $(PROVE_DATA)/proving_report/report.md
 
 # Debian packages the tests drive for real: a PostgreSQL server (Dagster's Postgres storage, started by the test
