@@ -17,7 +17,6 @@ COMMAND...`` on a training run's output directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -39,11 +38,9 @@ WORLD_CLIP_SEED = 0
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from pipelines.io import file_sha256
+
+    return file_sha256(path)
 
 
 def _overlay(name: str, out_dir: Path, base: str) -> dict[str, Any]:
