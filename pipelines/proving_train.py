@@ -496,6 +496,7 @@ def train_world_generator(
     cond_dropout: float = 0.1,
     text_tokens: int | None = 48,
     max_objects: int = GEN_MAX_OBJECTS,
+    plain: bool = False,
     eval_n: int = GEN_EVAL_N,
     eval_every: int = 100,
     stop_at_correct: float | None = None,
@@ -603,7 +604,7 @@ def train_world_generator(
                 if minutes is not None and trained_for > minutes * 60:
                     log(f"[world-gen] time budget of {minutes} min reached after {step} steps")
                     break
-                items = [world_item(seed, "t2i", step * batch + j, max_objects) for j in range(batch)]
+                items = [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)]
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
                 x0 = family.images_to_latents(_scene_pixels([it.scene for it in items], image_size, torch),
                                               sample=False)
@@ -645,6 +646,7 @@ def train_world_generator(
                             "params": sum(p.numel() for p in pipe.transformer.parameters())},
             "cond_dropout": cond_dropout,
             "max_objects": max_objects,
+            "plain": plain,
             "stop_at_correct": stop_at_correct,
             "text_tokens": text_tokens,
             "vae": vae_info,
@@ -694,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--text-tokens", type=int, default=48, help="T5 window (0: the zoo's 512)")
     g.add_argument("--max-objects", type=int, default=GEN_MAX_OBJECTS, help="objects per t2i scene, 1..3")
     g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+    g.add_argument("--plain", action="store_true", help="train on scenes without background textures")
     g.add_argument("--stop-at-correct", type=float, default=None,
                    help="stop at the first evaluation with at least this share of held-out prompts fully correct")
     g.add_argument("--eval-n", type=int, default=GEN_EVAL_N)
@@ -707,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                                        layers=args.layers,
                                        single_layers=args.single_layers, eval_n=args.eval_n,
                                        text_tokens=args.text_tokens or None,
-                                       max_objects=args.max_objects, eval_every=args.eval_every,
+                                       max_objects=args.max_objects, plain=args.plain,
+                                       eval_every=args.eval_every,
                                        stop_at_correct=args.stop_at_correct, threads=args.threads,
                                        log=lambda m: print(m, flush=True))
         print(f"[world-gen] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "

@@ -262,9 +262,15 @@ def sample_multi_ref(rng: random.Random) -> tuple[MultiRefSpec, tuple[Scene, ...
     return MultiRefSpec(n, tuple(relations), background), tuple(refs), target
 
 
-def world_item(seed: int, task: str, index: int, max_objects: int = 3) -> WorldItem:
-    """Item ``index`` of ``task`` in the world of ``seed`` (a pure function of the four; ``max_objects`` bounds the
-    objects of a t2i scene, 1..3)."""
+def world_item(seed: int, task: str, index: int, max_objects: int = 3, plain: bool = False) -> WorldItem:
+    """Item ``index`` of ``task`` in the world of ``seed`` (a pure function of its arguments; ``max_objects`` bounds
+    the objects of a t2i scene, 1..3; ``plain`` drops the background textures — the prompts never state them — and
+    leaves everything else, prompt text included, as it is)."""
+    if plain:
+        item = world_item(seed, task, index, max_objects)
+        flat = lambda scene: replace(scene, texture="plain")  # noqa: E731
+        return replace(item, scene=flat(item.scene), source=flat(item.source) if item.source else None,
+                       references=tuple(flat(r) for r in item.references))
     rng = random.Random(f"prefmill-proving:{seed}:{task}:{index}" + (f":max{max_objects}" if max_objects < 3 else ""))
     if task == "t2i":
         spec, scene = sample_t2i(rng, max_objects)
@@ -279,14 +285,14 @@ def world_item(seed: int, task: str, index: int, max_objects: int = 3) -> WorldI
     raise ValueError(f"unknown task {task!r}")
 
 
-def world_items(seed: int, task: str, n: int, max_objects: int = 3) -> list[WorldItem]:
-    return [world_item(seed, task, i, max_objects) for i in range(n)]
+def world_items(seed: int, task: str, n: int, max_objects: int = 3, plain: bool = False) -> list[WorldItem]:
+    return [world_item(seed, task, i, max_objects, plain) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ batches
 def write_batch(out_dir: str | Path, seed: int, n_per_task: int | dict[str, int] = 12, size: int = DEFAULT_SIZE,
                 heldout_fraction: float = 0.2, name: str | None = None,
-                max_objects: int = 3) -> tuple[Path, list[WorldItem]]:
+                max_objects: int = 3, plain: bool = False) -> tuple[Path, list[WorldItem]]:
     """Write ``out_dir/<name>.jsonl`` (default ``proving-<seed>``) with the world's prompts and the edit sources /
     references under ``out_dir/images/`` (named by content hash, so identical pictures are written once).
     Returns the file and its items (duplicates of an earlier row — same task, text and pictures — skipped)."""
@@ -306,7 +312,7 @@ def write_batch(out_dir: str | Path, seed: int, n_per_task: int | dict[str, int]
 
     for task, n in counts.items():
         for i in range(n):
-            item = world_item(seed, task, i, max_objects)
+            item = world_item(seed, task, i, max_objects, plain)
             item.split = "heldout" if split_rng.random() < heldout_fraction else "train"
             source = save(item.source) if item.source is not None else None
             refs = [save(r) for r in item.references]
@@ -337,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="pixels of the edit sources / references")
     parser.add_argument("--name", default=None, help="batch file name (default proving-<seed>)")
+    parser.add_argument("--plain", action="store_true", help="no background textures in sources / references")
     args = parser.parse_args(argv)
     counts = {t.strip(): args.n for t in args.tasks.split(",") if t.strip()}
     written, items = write_batch(args.out, args.seed, counts, size=args.size, heldout_fraction=args.heldout_fraction,
-                                 name=args.name, max_objects=args.max_objects)
+                                 name=args.name, max_objects=args.max_objects, plain=args.plain)
     heldout = sum(it.split == "heldout" for it in items)
     print(f"wrote {len(items)} prompts ({heldout} held out) to {written}")
     return 0

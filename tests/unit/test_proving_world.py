@@ -119,3 +119,16 @@ def test_write_batch_is_accepted_by_the_prompt_ingest(tmp_path):
 
 def test_world_item_index_is_independent_of_batch_size():
     assert world_item(2, "edit", 5).text == world_items(2, "edit", 9)[5].text
+
+
+def test_plain_drops_only_the_textures():
+    from pipelines.proving_world import world_item
+
+    for task in ("t2i", "edit", "multi_ref"):
+        for i in range(20):
+            textured, plain = world_item(4, task, i), world_item(4, task, i, plain=True)
+            assert plain.text == textured.text and plain.spec == textured.spec
+            scenes = [plain.scene, *plain.references] + ([plain.source] if plain.source else [])
+            assert all(s.texture == "plain" for s in scenes)
+            assert plain.scene.objects == textured.scene.objects
+            assert plain.scene.background == textured.scene.background
