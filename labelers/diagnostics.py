@@ -261,7 +261,7 @@ def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
             total += 1
             exact += int(float(row[d]) == v.scores[d])
             within += int(abs(float(row[d]) - v.scores[d]) <= 1)
-        share = sum(f.passed for f in v.facts) / max(1, len(v.facts))
+        share = v.fact_share
         rows.append((row["prompt_id"], share, float(np.mean(judged)) if judged else float("nan"),
                      float(row.get("clip_t") or float("nan")), float(row.get("reward") or float("nan"))))
     pairs = {"judge": [0, 0], "clip": [0, 0], "reward": [0, 0]}

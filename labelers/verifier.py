@@ -668,6 +668,11 @@ class Verification:
         return all(f.passed for f in self.facts)
 
     @property
+    def fact_share(self) -> float:
+        """The share of the item's facts that hold (partial credit; 0 for an item with no facts)."""
+        return sum(f.passed for f in self.facts) / max(1, len(self.facts))
+
+    @property
     def failed(self) -> list[Fact]:
         return [f for f in self.facts if not f.passed]
 

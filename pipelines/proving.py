@@ -38,10 +38,9 @@ def verify_rows(rows: Sequence[dict[str, Any]], images: Sequence[Any]) -> list[d
     for row, image in zip(rows, images):
         item = JudgeItem(key=row["candidate_id"], task=row["task"], text=row["text"], image=image,
                          source_image=row.get("_source"), reference_images=tuple(row.get("_references") or ()))
-        facts = verify(item).facts
-        passed = sum(f.passed for f in facts)
-        out.append({"correct": passed == len(facts), "facts": passed / max(1, len(facts)),
-                    "failed": "; ".join(f.message for f in facts if not f.passed)})
+        v = verify(item)
+        out.append({"correct": v.all_passed, "facts": v.fact_share,
+                    "failed": "; ".join(f.message for f in v.failed)})
     return out
 
 
@@ -188,10 +187,10 @@ def implicit_preference(model: str, adapter: str, pairs: Sequence[tuple[Any, Any
     dispreferred, prompt)`` of t2i ``pairs``: ``(err_base(w) - err_lora(w)) - (err_base(l) - err_lora(l))``, the
     family's prediction errors averaged over ``draws`` shared (noise, t) draws. Positive: training made the
     preferred image relatively more likely."""
-    import numpy as np
     import torch
 
     from trainers.families import load_family
+    from trainers.families.sd import pil_batch_to_tensor
     from trainers.losses import per_sample_mse
 
     family = load_family(model)
@@ -199,8 +198,7 @@ def implicit_preference(model: str, adapter: str, pairs: Sequence[tuple[Any, Any
     pipe = family.pipe
 
     def pixels(images):
-        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) for im in images])
-        return torch.from_numpy(arr / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+        return pil_batch_to_tensor([im.convert("RGB").resize((size, size)) for im in images])
 
     def errors(latents, cond, gen_seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(gen_seed)

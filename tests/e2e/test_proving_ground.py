@@ -86,8 +86,7 @@ def _verified_pairs(data):
     version = version_url(root, latest_version(root))
 
     def share(image, text):
-        facts = verify(JudgeItem(key="", task="t2i", text=text, image=image)).facts
-        return sum(f.passed for f in facts) / len(facts)
+        return verify(JudgeItem(key="", task="t2i", text=text, image=image)).fact_share
 
     out = []
     for img_0, img_1, caption, label_0, label_1, *_ in preference_samples(version, drop_ties=True):

@@ -127,8 +127,7 @@ class VerifierReward(ClipReward):
                     source = im.convert("RGB")
             item = JudgeItem(key="", task=str(row.get("task", "t2i")), text=row["text"], image=image,
                              source_image=source, reference_images=self._references(row))
-            facts = verify(item).facts
-            shares.append(sum(f.passed for f in facts) / max(1, len(facts)))
+            shares.append(verify(item).fact_share)
         out["reward"] = shares
         out["verifier_facts"] = list(shares)
         return out
