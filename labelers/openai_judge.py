@@ -3,7 +3,7 @@ hosted model).
 
 :class:`OpenAIJudge` is a :class:`labelers.judge._JudgeBase` backend: the shared driver does image checks, per-task
 batching, parsing and parse retries; this module turns each batch into one ``POST {base_url}/chat/completions``
-per item, sent concurrently (``httpx.AsyncClient``, at most ``max_concurrency`` in flight) from sync code.
+per item, sent concurrently (``openai.AsyncOpenAI``, at most ``max_concurrency`` in flight) from sync code.
 
 Requests carry ``model``, ``messages`` (the :func:`labelers.judge.build_messages` prompt with its images as PNG
 ``data:`` URLs in ``image_url`` parts), ``max_tokens``, ``temperature``, ``seed`` and
@@ -13,7 +13,11 @@ schema-valid JSON; :func:`labelers.judge.parse_judgement` still validates every 
 
 Transport errors: 429 and 5xx answers, connection errors and timeouts are retried (``max_attempts`` in all) with
 exponential backoff and jitter, or after the server's ``Retry-After`` / ``retry-after-ms`` when it sends one.
-Any other 4xx fails at once with :class:`OpenAIHTTPError` naming the status and the server's message.
+Any other 4xx fails at once with :class:`OpenAIHTTPError` naming the status and the server's message. The client
+itself is built with ``max_retries=0``: the retries are this module's (tenacity), not the ``openai`` package's,
+which retries 408/409 too, waits at least ~0.5 s where a server says ``Retry-After: 0``, gives up at once on a
+``Retry-After`` over two minutes, and keeps no count of attempts. Each attempt is bounded by ``timeout_s`` (the
+client's timeout, and an overall ``asyncio.wait_for``).
 
 Bad answers: a 2xx answer for one item that is not a chat completion (a body that is not JSON, nested absurdly
 deep, with numbers Python will not convert, without ``choices[0].message``) is that item's answer, unreadable: it
@@ -23,11 +27,13 @@ of the batch are unaffected. (``list_models`` raises :class:`MalformedAnswerErro
 
 The API key
 -----------
-The key goes into the ``Authorization: Bearer`` header and nowhere else: it is held in a :class:`Secret` whose
-``repr`` is ``'<redacted>'``, it is not in ``repr(judge)``, in log records, or in the messages of the errors this
-module raises (a server message that echoes it is redacted too). Under Dagster, ``pipelines.resources.JudgeResource``
-passes it in from the environment with ``dagster.EnvVar("PREFMILL_JUDGE_API_KEY")`` (Dagster then keeps it out of
-run config and the UI); profiles never contain it. This module does not import Dagster.
+The key goes into the ``Authorization: Bearer`` header and nowhere else: it is held in a
+:class:`pydantic.SecretStr` (``repr`` ``SecretStr('**********')``) and handed to an ``openai.AsyncOpenAI`` that
+lives for one call (no key: no ``Authorization`` header, and ``OPENAI_API_KEY`` is never read); it is not in
+``repr(judge)``, in log records, or in the messages of the errors this module raises (a server message that
+echoes it is redacted too). Under Dagster, ``pipelines.resources.JudgeResource`` passes it in from the environment
+with ``dagster.EnvVar("PREFMILL_JUDGE_API_KEY")`` (Dagster then keeps it out of run config and the UI); profiles
+never contain it. This module does not import Dagster.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import SecretStr
 
 from labelers.judge import (
     FEEDBACK_MAX_CHARS,
@@ -88,23 +96,6 @@ class MalformedAnswerError(OpenAIJudgeError):
         super().__init__(message)
         self.reason = message
         self.raw = raw
-
-
-class Secret:
-    """A string that does not show itself: ``repr``/``str`` are ``'<redacted>'``; ``get()`` returns the value."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def get(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
 
 
 class _Retryable(Exception):
@@ -281,7 +272,7 @@ class OpenAIJudge(_JudgeBase):
         self,
         model: str,
         base_url: str,
-        api_key: str | None = None,
+        api_key: str | SecretStr | None = None,
         max_concurrency: int = 8,
         timeout_s: float = 60.0,
         max_attempts: int = 5,
@@ -305,7 +296,9 @@ class OpenAIJudge(_JudgeBase):
             raise ValueError("OpenAIJudge: max_concurrency and max_attempts must be >= 1")
         self.model = str(model)
         self.base_url = str(base_url).rstrip("/")
-        self._api_key = Secret(api_key) if api_key else None
+        if isinstance(api_key, SecretStr):
+            api_key = api_key.get_secret_value()
+        self._api_key = SecretStr(api_key) if api_key else None
         self.max_concurrency = int(max_concurrency)
         self.timeout_s = float(timeout_s)
         self.max_attempts = int(max_attempts)
@@ -320,7 +313,6 @@ class OpenAIJudge(_JudgeBase):
         self.rubric_dir = rubric_dir
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
-        self._ssl_context = None
         self.requests_sent = 0
         self.retries = 0
         self.prompt_tokens = 0
@@ -336,7 +328,7 @@ class OpenAIJudge(_JudgeBase):
     # -- lifecycle -------------------------------------------------------------------------------------------
     def setup(self) -> OpenAIJudge:
         """Cheap: nothing to load (the endpoint holds the model). Use :meth:`list_models` to check the endpoint."""
-        import httpx  # noqa: F401  (fail early if the dependency is missing)
+        import openai  # noqa: F401  (fail early if the dependency is missing)
 
         return self
 
@@ -385,28 +377,38 @@ class OpenAIJudge(_JudgeBase):
             return pool.submit(lambda: asyncio.run(factory())).result()
 
     def _client(self):
-        import httpx
+        """A client for one call (its connections belong to the event loop of that call), without retries of its
+        own (:meth:`_request` retries). Without a key requests omit ``Authorization`` (:meth:`_extra_headers`)."""
+        import openai
 
-        headers = {"Accept": "application/json", "User-Agent": "prefmill-openai-judge"}
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self._api_key.get_secret_value() if self._api_key is not None else "unused",
+            timeout=openai.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
+            max_retries=0,
+            default_headers={"User-Agent": "prefmill-openai-judge"},
+        )
+
+    def _extra_headers(self) -> dict:
+        """Per-request headers: with no key, ``Authorization`` explicitly omitted (the client insists on one)."""
         if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key.get()}"
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
-        if self._ssl_context is None:  # loading the CA bundle costs ~40 ms: once per judge, not per batch
-            self._ssl_context = httpx.create_ssl_context()
-        return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, verify=self._ssl_context)
+            return {}
+        import openai
+
+        return {"Authorization": openai.Omit()}
 
     def _redact(self, text: str) -> str:
-        if self._api_key is not None and self._api_key.get():
-            text = text.replace(self._api_key.get(), "<redacted>")
+        if self._api_key is not None and self._api_key.get_secret_value():
+            text = text.replace(self._api_key.get_secret_value(), "<redacted>")
         return text
 
     def _sampling(self, attempt: int, seed_offset: int) -> tuple[float, int]:
         temperature = self.temperature if attempt == 0 else self.retry_temperature
         return temperature, self.seed + 1_000_003 * int(attempt) + int(seed_offset)
 
-    def _payload(self, messages: list[dict], schema: dict, name: str, temperature: float, seed: int) -> bytes:
-        body = {
+    def _params(self, messages: list[dict], schema: dict, name: str, temperature: float, seed: int) -> dict:
+        """The keyword arguments of ``chat.completions.create`` for one conversation (its body, as before)."""
+        return {
             "model": self.model,
             "messages": to_openai_messages(messages),
             "max_tokens": self.max_new_tokens,
@@ -416,8 +418,8 @@ class OpenAIJudge(_JudgeBase):
                 "type": "json_schema",
                 "json_schema": {"name": name, "schema": schema, "strict": True},
             },
+            "extra_headers": self._extra_headers(),
         }
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     async def _complete_all(self, messages_list: Sequence[list[dict]], schema: dict, name: str, attempt: int,
                             seed_offset: int) -> list[str]:
@@ -429,10 +431,11 @@ class OpenAIJudge(_JudgeBase):
 
             async def one(messages: list[dict]) -> str | BadAnswer:
                 async with semaphore:
-                    # PNG encoding + JSON off the event loop, so encoding overlaps with requests in flight
-                    body = await asyncio.to_thread(self._payload, messages, schema, name, temperature, seed)
+                    # PNG encoding off the event loop, so encoding overlaps with requests in flight
+                    params = await asyncio.to_thread(self._params, messages, schema, name, temperature, seed)
                     try:
-                        data = await self._request(client, "POST", self.chat_url, body)
+                        data = await self._request(
+                            "POST", self.chat_url, lambda: client.chat.completions.with_raw_response.create(**params))
                     except MalformedAnswerError as e:  # this item's answer is unreadable: its parse error
                         return BadAnswer(str(e), e.raw)
                 return self._content(data)
@@ -452,7 +455,9 @@ class OpenAIJudge(_JudgeBase):
 
     async def _list_models(self) -> list[str]:
         async with self._client() as client:
-            data = await self._request(client, "GET", f"{self.base_url}/models", None)
+            headers = self._extra_headers()
+            data = await self._request("GET", f"{self.base_url}/models",
+                                       lambda: client.models.with_raw_response.list(extra_headers=headers))
         return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
 
     def _content(self, data: dict) -> str | BadAnswer:
@@ -477,7 +482,9 @@ class OpenAIJudge(_JudgeBase):
         return content if isinstance(content, str) else BadAnswer(
             f"message content is {type(content).__name__}, not text", self._redact(repr(content)[:300]))
 
-    async def _request(self, client: Any, method: str, url: str, body: bytes | None) -> dict:
+    async def _request(self, method: str, url: str, send: Callable[[], Awaitable[Any]]) -> dict:
+        """The JSON object answered to ``send()`` (one request of the ``openai`` client, raw response), tried up to
+        ``max_attempts`` times; ``method`` and ``url`` name it in messages."""
         import tenacity
 
         retrying = tenacity.AsyncRetrying(
@@ -490,7 +497,7 @@ class OpenAIJudge(_JudgeBase):
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(client, method, url, body)
+                    return await self._attempt(method, url, send)
         except _Retryable as e:
             raise OpenAIJudgeError(
                 f"{method} {safe_url(url)} failed after {self.max_attempts} attempt(s): {self._redact(e.reason)}"
@@ -514,29 +521,26 @@ class OpenAIJudge(_JudgeBase):
                     self._redact(getattr(exc, "reason", type(exc).__name__)), retry_state.attempt_number,
                     self.max_attempts - 1, sleep)
 
-    async def _attempt(self, client: Any, method: str, url: str, body: bytes | None) -> dict:
-        import httpx
+    async def _attempt(self, method: str, url: str, send: Callable[[], Awaitable[Any]]) -> dict:
+        import openai
 
         self.requests_sent += 1
         try:
-            if body is None:
-                coro = client.request(method, url)
-            else:
-                coro = client.request(method, url, content=body, headers={"Content-Type": "application/json"})
-            response = await asyncio.wait_for(coro, timeout=self.timeout_s)
-        except (asyncio.TimeoutError, httpx.TimeoutException) as e:
+            raw = await asyncio.wait_for(send(), timeout=self.timeout_s)
+        except (asyncio.TimeoutError, openai.APITimeoutError) as e:
             raise _Retryable(f"timed out after {self.timeout_s:g} s ({type(e).__name__})") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"{type(e).__name__}: {e}") from None
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}: {self._redact(server_message(response))}",
-                             retry_after_seconds(response.headers))
-        if status >= 400:
-            msg = self._redact(server_message(response))
-            raise OpenAIHTTPError(f"{method} {safe_url(url)} answered HTTP {status} "
-                                  f"({response.reason_phrase or 'error'}): {msg}", status, msg)
-        return self._decode_body(response, method, url)
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e.__context__
+            detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+            raise _Retryable(f"{type(e).__name__}: {e}{detail}") from None
+        except (openai.RateLimitError, openai.InternalServerError) as e:  # 429, 5xx
+            raise _Retryable(f"HTTP {e.status_code}: {self._redact(server_message(e.response))}",
+                             retry_after_seconds(e.response.headers)) from None
+        except openai.APIStatusError as e:  # any other 4xx
+            msg = self._redact(server_message(e.response))
+            raise OpenAIHTTPError(f"{method} {safe_url(url)} answered HTTP {e.status_code} "
+                                  f"({e.response.reason_phrase or 'error'}): {msg}", e.status_code, msg) from None
+        return self._decode_body(raw.http_response, method, url)
 
     def _decode_body(self, response: Any, method: str, url: str) -> dict:
         """The JSON object of a 2xx answer, or :class:`MalformedAnswerError`: a body that is too long, nested
