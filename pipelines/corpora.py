@@ -6,6 +6,8 @@ A corpus root (a local directory or a URL such as ``s3://bucket/corpora/sft_corp
     <version>/manifest.json         the commit of a version: shards (path, sha256, count, bytes, layout, partition),
                                     layouts, per-partition segments, drops by reason, inputs, config
     <version>/index.parquet         one row per sample: shard (path as in the manifest), key, partition, ...
+    <version>/README.md             the dataset card: ``datasets.load_dataset(<version dir>)`` loads the version in
+                                    one call (every shard, features declared; see :mod:`pipelines.dataset_card`)
     <version>/shards/NNNNNN.tar     the shards this version wrote
     <version>/segments/<p>.{parquet,json}   per-partition progress, so a crashed build resumes
 
@@ -18,8 +20,15 @@ unchanged prefix of partitions in sorted order is reused: the result is exactly 
 
 Crash safety without directory renames (object stores have none): every file is written atomically (local: temp
 sibling, fsync, rename; remote: a single PUT of a finished temp file), a partition's segment record is written
-after its shards, and ``manifest.json`` is written after everything else: a version without a manifest does not
-exist for readers, and ``latest`` moves only after the manifest. A re-run reuses the finished segments.
+after its shards, the index and the dataset card (``README.md``) after every segment, and ``manifest.json`` after
+everything else: a version without a manifest does not exist for readers (and one with a manifest has its card),
+and ``latest`` moves only after the manifest. A re-run reuses the finished segments.
+
+Each segment record holds the JSON type of every JSON member of its samples (``json_types``: the union of the
+fields, one type each, see :mod:`pipelines.dataset_card`; a source may declare types through an optional
+``json_types(partition)`` method, which fills fields that were null in every sample). Samples whose JSON fields
+cannot share a type (a string in one, a number in another) fail the build: such a corpus would not load as one
+dataset.
 """
 
 from __future__ import annotations
@@ -35,8 +44,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from labelers.hashing import content_id
+from pipelines.dataset_card import (
+    CARD,
+    card_text,
+    fill_nulls,
+    merge_member_types,
+    merge_types,
+    sample_json_types,
+    scan_json_types,
+    write_dataset_card,
+)
 
-SCHEMA_VERSION = 4  # 3: jpg_0 alternates through the whole preference corpus; 4: SFT samples carry src/ref images, pairs generator ids
+# 3: jpg_0 alternates through the whole preference corpus; 4: SFT samples carry src/ref images, pairs generator ids;
+# 5: JSON members typed the same in every task (segments and manifest record ``json_types``), README.md dataset card
+SCHEMA_VERSION = 5
 LATEST = "latest"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
@@ -305,6 +326,9 @@ class PartitionSource(Protocol):
         """A segment taken as it is (from the previous version, or finished before a crash): its index rows,
         so state that later partitions depend on (duplicate memory) can be rebuilt."""
 
+    # Optional: ``json_types(partition) -> {member: JSON type}``, the types the source declares for the JSON
+    # members of the partition it just yielded (e.g. from its parquet schema); see pipelines.dataset_card.
+
 
 @dataclass
 class CorpusBuild:
@@ -359,6 +383,8 @@ def build_corpus(
     store.remove_stale_temps(["", version, f"{version}/shards", f"{version}/segments"], started_at, log)
     existing = store.manifest(version)
     if existing is not None:
+        if not store.exists(f"{version}/{CARD}"):  # a version committed by a writer that wrote no card
+            write_dataset_card(store.url_of(version))
         if store.latest() != version:
             store.point_latest(version)
         return CorpusBuild(version, store.url_of(version), existing, False, [], sorted(inputs))
@@ -415,6 +441,7 @@ def build_corpus(
     drops: Counter = Counter()
     for segment in segments.values():
         drops.update(segment["drops"])
+    json_types = _version_json_types(store, version, segments)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "corpus": corpus,
@@ -434,9 +461,12 @@ def build_corpus(
         "resumed_partitions": resumed,
         "limits": {"max_samples": limits.max_samples, "max_bytes": limits.max_bytes},
         "dedup": getattr(source, "dedup_mode", None),  # {"exact": bool}: which near-duplicate search built it
+        "json_types": json_types,  # member -> JSON type over every sample (the dataset card's features)
+        "card": CARD,
         **(manifest_extra or {}),
     }
     store.write_parquet(f"{version}/{INDEX}", index)
+    store.write_bytes(f"{version}/{CARD}", card_text(manifest).encode("utf-8"))
     store.write_json(f"{version}/{MANIFEST}", manifest)  # the version's commit
     store.point_latest(version)
     return CorpusBuild(version, store.url_of(version), manifest, True, written, reused, resumed)
@@ -451,11 +481,15 @@ def _write_segment(store: CorpusStore, version: str, partition: str, fingerprint
     drops: Counter = Counter()
     shards: list[dict[str, Any]] = []
     rows: list[IndexRow] = []
+    json_types: dict[str, Any] = {}
     seq = first_seq
     # One publisher thread: shard k is hashed, fsynced and renamed (or uploaded) while shard k+1 is written.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-shard") as publisher:
         published = []
         for layout, chunk in _chunks(source.samples(partition, drops), limits):
+            for sample, _ in chunk:
+                merge_member_types(json_types, sample_json_types(sample),
+                                   f"partition {partition}, sample {sample.get('__key__')}: ")
             path = f"shards/{seq:06d}.tar"
             staged = _write_shard(store, f"{version}/{path}", [sample for sample, _ in chunk])
             published.append(publisher.submit(store.publish, staged, f"{version}/{path}"))
@@ -468,9 +502,28 @@ def _write_segment(store: CorpusStore, version: str, partition: str, fingerprint
             shard.update(future.result())  # re-raises a failed publish
     frame = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame(
         schema={"shard": pl.String, "key": pl.String, "partition": pl.String})
+    declared = source.json_types(partition) if callable(getattr(source, "json_types", None)) else None
+    for member, hint in (declared or {}).items():
+        if member in json_types:
+            json_types[member] = fill_nulls(json_types[member], hint)
     segment = {"partition": partition, "fingerprint": fingerprint, "shards": shards, "num_samples": len(rows),
-               "drops": dict(sorted(drops.items()))}
+               "drops": dict(sorted(drops.items())), "json_types": json_types}
     return segment, frame
+
+
+def _version_json_types(store: CorpusStore, version: str, segments: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """member -> JSON type over every segment of a version (partitions in sorted order). A segment recorded
+    without types (written by an older writer) is read from its shards."""
+    types: dict[str, Any] = {}
+    for partition in sorted(segments):
+        segment = segments[partition]
+        found = segment.get("json_types")
+        if found is None:
+            found = scan_json_types(store.url_of(version), {"shards": segment["shards"]})
+        for member, kind in found.items():
+            types[member] = merge_types(types[member], kind, f"{member} (partition {partition})") \
+                if member in types else kind
+    return types
 
 
 def _reusable_prefix(previous: dict[str, Any] | None, inputs: dict[str, str], config_id: str) -> set[str]:

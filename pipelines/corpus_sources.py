@@ -15,6 +15,12 @@ manifest's ``segments`` and summed in its ``drops`` and in the asset's metadata:
   ``near_duplicate_pair`` (the two images are the same picture to the perceptual hash or CLIP), ``duplicate_pair``
   (the same two candidates already paired).
 
+Every sample's ``json`` has the same fields of the same type in every task (so a whole version loads as one dataset,
+see :mod:`pipelines.dataset_card`): all the label (or pair) columns, null where a task has no value, list columns
+always lists (``clip_i_per_ref``, ``reference_types``: ``[]`` when empty, never null). Each source declares the
+JSON types from its parquet schema (``json_types(partition)``), so a field null in every sample of a version still
+gets its column type.
+
 Which image is ``jpg_0`` alternates over the kept pairs, task by task and partition by partition in build order, in
 an order drawn from the seed and the pair ids, so ``label_0`` is balanced over the corpus (to within half a pair,
 ties aside) and reproducible; a refresh continues the alternation where the referenced partitions left it.
@@ -121,6 +127,11 @@ class SftSource:
         self.filters = filters
         # for the manifest: whether the duplicate memory was searched exhaustively (see CorpusFilters)
         self.dedup_mode = {"exact": filters.dedup_exact}
+        self._json_types: dict[str, dict[str, Any]] = {}
+
+    def json_types(self, partition: str) -> dict[str, Any]:
+        """The declared JSON types of the partition's samples (:class:`pipelines.corpora.PartitionSource`)."""
+        return self._json_types.get(partition, {})
 
     def reused(self, partition: str, rows) -> None:
         if not len(rows):
@@ -135,11 +146,16 @@ class SftSource:
 
         from labelers.filters import judge_failure
         from pipelines.candidates import load_candidate_images
+        from pipelines.dataset_card import schema_json_type
         from pipelines.io import encode_image
 
         labels = pl.read_parquet(self.layout.labels(partition)).join(
             pl.read_parquet(self.layout.candidates(partition)).select("candidate_id", "image_sha256"),
             on="candidate_id", how="left")
+        schema = {name: dtype for name, dtype in labels.schema.items() if name != "raw_judgement"}
+        self._json_types[partition] = {"json": schema_json_type(schema, {
+            "task": "string", "text": "string", "sft_min_reward": "float64"})}
+        lists = [name for name, dtype in schema.items() if isinstance(dtype, (pl.List, pl.Array))]
         heldout = labels["prompt_id"].map_elements(lambda p: self.prompts[p]["split"] == "heldout",
                                                    return_dtype=pl.Boolean)
         if heldout.any():
@@ -187,6 +203,7 @@ class SftSource:
                 continue
             prompt = self.prompts[row["prompt_id"]]
             meta = {k: v for k, v in row.items() if k != "raw_judgement"}
+            meta.update({name: list(meta[name] or []) for name in lists})  # a list column is a list in every task
             meta.update(task=prompt["task"], text=prompt["text"], sft_min_reward=threshold)
             sample = {"__key__": row["candidate_id"], "jpg": encode_image(images[row["candidate_id"]], "jpg"),
                       "txt": prompt["text"], "json": json.dumps(meta, default=str).encode(),
@@ -228,6 +245,11 @@ class PreferenceSource:
         self.filters = filters
         self.paired: set[tuple[str, str]] = set()
         self.written = 0  # pairs before this partition (in build order): where the jpg_0 alternation stands
+        self._json_types: dict[str, dict[str, Any]] = {}
+
+    def json_types(self, partition: str) -> dict[str, Any]:
+        """The declared JSON types of the partition's samples (:class:`pipelines.corpora.PartitionSource`)."""
+        return self._json_types.get(partition, {})
 
     def reused(self, partition: str, rows) -> None:
         if len(rows):
@@ -249,8 +271,12 @@ class PreferenceSource:
         import polars as pl
 
         from pipelines.candidates import load_candidate_images
+        from pipelines.dataset_card import schema_json_type
 
         pairs = pl.read_parquet(self.layout.pairs(partition))
+        self._json_types[partition] = {"json": schema_json_type(pairs.schema, {
+            "task": "string", "chosen_is_jpg_0": "bool", "chosen_generator_id": "string",
+            "rejected_generator_id": "string", "reference_types": {"list": "string"}})}
         keys = set(pairs["chosen_id"].to_list()) | set(pairs["rejected_id"].to_list())
         images = load_candidate_images(self.layout.asset_dir("candidate_images", partition) / "shards", keys)
         embeddings = load_embeddings(self.layout, partition)
@@ -307,7 +333,8 @@ class PreferenceSource:
             "json": json.dumps({**pair, "task": prompt["task"], "chosen_is_jpg_0": chosen_first,
                                 "chosen_generator_id": generators.get(pair["chosen_id"]),
                                 "rejected_generator_id": generators.get(pair["rejected_id"]),
-                                "reference_types": prompt["reference_types"]}, default=str).encode(),
+                                "reference_types": list(prompt.get("reference_types") or [])},
+                               default=str).encode(),
         }
         sample.update(conditioning_members(prompt))
         return sample, {"pair_id": pair["pair_id"], "prompt_id": pair["prompt_id"], "task": prompt["task"],

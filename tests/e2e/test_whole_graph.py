@@ -146,7 +146,7 @@ def test_prompts_candidates_labels_pairs_follow_the_contracts(graph_run):
 
 
 @pytest.mark.parametrize("corpus", ["sft_corpus", "preference_corpus"])
-def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, corpus):
+def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, corpus, tmp_path):
     import datasets
     import webdataset as wds
 
@@ -157,7 +157,7 @@ def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, co
     version = (root / "latest").read_text().strip()
     version_dir = root / version
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == 4 and manifest["inputs"] == ["e2e"] and "drops" in manifest
+    assert manifest["schema_version"] == 5 and manifest["inputs"] == ["e2e"] and "drops" in manifest
     assert manifest["segments"]["e2e"]["num_samples"] == manifest["num_samples"]
     shards = sorted((version_dir / "shards").glob("*.tar"))
     assert [f"shards/{s.name}" for s in shards] == [s["path"] for s in manifest["shards"]]
@@ -176,6 +176,9 @@ def test_corpora_are_versioned_and_read_by_webdataset_and_datasets(graph_run, co
         hf_rows += len(hf)
         column_sets.append(set(hf.column_names))
     assert hf_rows == len(index)
+    # the whole version in one call, through its dataset card (README.md): every task, every member declared
+    whole = datasets.load_dataset(str(version_dir), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(whole) == len(index) and set(whole.column_names) >= set().union(*column_sets)
     if corpus == "sft_corpus":
         assert {"jpg", "txt", "json"} <= set(samples[0])
         meta = samples[0]["json"]
