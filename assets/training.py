@@ -1,4 +1,4 @@
-"""sft_run, dpo_run, grpo_run: trainers launched out of process through Dagster Pipes.
+"""sft_run, dpo_run, grpo_run (and ar_grpo_run when the profile has an ``ar_grpo`` section): trainers launched out of process through Dagster Pipes.
 
 Each asset writes the trainer's config into a run directory keyed by its input version and config, runs
 ``python -m trainers.<name> --config FILE`` with ``PipesSubprocessClient`` (metrics and logs stream into the
@@ -22,7 +22,9 @@ from pipelines.resources import ProfileResource, StorageResource
 
 # what each trainer's curves show in the UI (keys of its metrics.jsonl)
 CURVE_KEYS = {"sft": ["loss"], "dpo": ["loss", "implicit_acc", "margin", "reward_w", "reward_l"],
-              "grpo": ["reward_mean", "loss", "kl", "heldout_lambda_harmonic"]}
+              "grpo": ["reward_mean", "loss", "kl", "heldout_lambda_harmonic"],
+              "ar_grpo": ["reward_mean", "loo_fid_mean", "diversity", "token_entropy", "entropy_coef", "kl",
+                          "heldout_lambda_harmonic"]}
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -182,3 +184,58 @@ def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profil
     inputs, config = grpo_settings(storage, profile, init_adapter=sft_result["adapter_path"])
     inputs["sft_run"] = sft_dir.name
     return _launch(context, pipes_subprocess_client, storage, "grpo", inputs, config)
+
+
+def ar_grpo_settings(storage: StorageResource, profile: ProfileResource, **overrides: Any
+                     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(inputs, config) of an AR GRPO run (``trainers.ar_grpo``), or None when the profile has no top-level
+    ``ar_grpo`` section. The model is ``ar_grpo.model`` (default: the t2i generator's); CLIP_T and
+    the LOO-FID features use the profile's CLIP, the preference component its ``clip.preference_model``; the LOO-FID
+    reference starts from the labelling stage's EMA moments of the candidates' CLIP features when they exist
+    (``reward_labels/_diversity``), else from the initial policy's samples."""
+    from labelers.hashing import content_id
+    from pipelines.io import file_sha256
+    from pipelines.zoo import resolve_model
+
+    settings = profile.settings()
+    section = settings.get("ar_grpo")
+    if not section:
+        return None
+    spec = {k: v for k, v in dict(section).items() if v is not None}  # unset keys: the trainer's defaults
+    pool_path = storage.layout.asset_dir("rl_prompt_pool") / "pool.parquet"
+    if not pool_path.exists():
+        raise dg.Failure(f"no RL prompt pool at {pool_path}; materialize rl_prompt_pool first")
+    model = spec.pop("model", None) or settings["generation"]["generators"]["t2i"]["model"]
+    clip = settings["clip"]
+    config: dict[str, Any] = {"pretrained_model": resolve_model(model), "prompt_pool": str(pool_path),
+                              "clip_model": resolve_model(clip["model"]),
+                              "clip_backend": clip.get("backend", "open_clip"),
+                              "lambdas": {"t2i": float(settings["rewards"]["lambda"].get("t2i", 0.0))}}
+    if clip.get("preference_model"):
+        config.update(preference_model=resolve_model(clip["preference_model"]),
+                      preference_backend=clip.get("preference_backend", "transformers"))
+    if settings.get("cpu_threads"):
+        config["num_threads"] = settings["cpu_threads"]
+    inputs = {"rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}
+    moments = storage.layout.asset_dir("reward_labels") / "_diversity" / "clip_feature_moments.safetensors"
+    if "fid_reference_moments" not in spec and moments.exists():
+        config["fid_reference_moments"] = str(moments)
+        inputs["fid_reference_moments"] = content_id(file_sha256(moments))[:16]
+    config.update(spec)
+    config.update(overrides)
+    return inputs, config
+
+
+@dg.asset(deps=[rl_prompt_pool], group_name="training", kinds={"pytorch", "peft"}, pool="gpu",
+          output_required=False)
+def ar_grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
+                pipes_subprocess_client: dg.PipesSubprocessClient):
+    """GRPO of an autoregressive VQ-token generator (Janus) with the leave-one-out FID reward, composite CLIP /
+    preference instance rewards and an adaptive entropy regulariser (``python -m trainers.ar_grpo``). Runs only when
+    the profile has an ``ar_grpo`` section (e.g. ``tiny_ar``); otherwise nothing is materialized."""
+    settings = ar_grpo_settings(storage, profile)
+    if settings is None:
+        context.log.info("profile has no ar_grpo section: ar_grpo_run skipped")
+        return
+    inputs, config = settings
+    yield _launch(context, pipes_subprocess_client, storage, "ar_grpo", inputs, config)

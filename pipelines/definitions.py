@@ -20,7 +20,7 @@ from assets.pool import rl_prompt_pool
 from assets.proving import PROVING_ASSETS
 from assets.prompts import prompt_batches
 from assets.subject import subject_run
-from assets.training import dpo_run, grpo_run, sft_run
+from assets.training import ar_grpo_run, dpo_run, grpo_run, sft_run
 from pipelines.automation import (
     corpora_job,
     corpus_and_training_job,
@@ -77,7 +77,7 @@ recovering_executor = dg.ExecutorDefinition(
 ALL_ASSETS = [
     prompt_batches, candidate_images, reward_labels, preference_pairs,
     sft_corpus, preference_corpus, rl_prompt_pool,
-    sft_run, dpo_run, grpo_run, sft_eval, dpo_eval, grpo_eval,
+    sft_run, dpo_run, grpo_run, sft_eval, dpo_eval, grpo_eval, ar_grpo_run,
     *PROVING_ASSETS,
     subject_run,
 ]

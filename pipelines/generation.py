@@ -94,6 +94,7 @@ class ImageGenerator:
         self._pipe: Any = None
         self._family: Any = None
         self._native = False  # True when the family samples itself (flow matching), see setup()
+        self._ar = False  # True for an autoregressive family (Janus): VQ tokens sampled by the family, see setup()
         self._call_params: frozenset[str] = frozenset()
         self._lora: dict[str, str] | None = None
 
@@ -135,11 +136,23 @@ class ImageGenerator:
 
         from pipelines.zoo import resolve_model
 
-        from trainers.families import FLOW_FAMILIES, load_family
+        from trainers.families import AR_FAMILIES, FLOW_FAMILIES, load_family
 
         torch_dtype = getattr(torch, self.dtype)
         with _quiet_loading(), self._threads():
             family = load_family(resolve_model(self.model), dtype=torch_dtype)
+        if family.name in AR_FAMILIES:
+            # Autoregressive (Janus): the family samples VQ tokens, one seeded generator per request, classifier-free
+            # guidance when guidance_scale > 1 (the checkpoint's unconditional prompt); `steps` does not apply.
+            if self.kind != "t2i":
+                raise ValueError(f"{self.model}: the {family.name} family generates from text only (kind t2i), "
+                                 f"got kind {self.kind!r}")
+            if self.negative_prompt is not None:
+                raise ValueError(f"{self.model}: the {family.name} family takes no negative_prompt (its CFG branch "
+                                 "is the checkpoint's padded prompt)")
+            family.to(self.device)
+            self._family, self._ar, self._pipe = family, True, family.model
+            return
         pipe = family.pipe
         pipe = pipe.to(self.device)
         self._call_params = frozenset(inspect.signature(pipe.__call__).parameters)
@@ -232,6 +245,10 @@ class ImageGenerator:
 
         if self._native:
             return self._generate_native(batch)
+        if self._ar:
+            images = self.family.generate([r.text for r in batch], [r.seed for r in batch], self.guidance_scale)
+            return [im if im.size == (self.width, self.height) else im.resize((self.width, self.height))
+                    for im in images]
         pipe = self.pipeline
         # Noise is drawn on the CPU from a CPU generator: identical initial latents on every device.
         generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in batch]
@@ -299,14 +316,20 @@ class ImageGenerator:
         if self._lora is not None:
             self.unload_lora()
         path = Path(lora_dir)
-        pipe.load_lora_weights(str(path))
+        if self._ar:  # a PEFT adapter (trainers.ar_grpo), through transformers' own load_adapter
+            pipe.load_adapter(str(path), adapter_name="default")
+        else:
+            pipe.load_lora_weights(str(path))
         self._lora = {"path": str(path.resolve()) if path.exists() else str(lora_dir), "sha256": _dir_digest(path)}
 
     def unload_lora(self) -> None:
         if self._pipe is None or self._lora is None:
             self._lora = None
             return
-        self._pipe.unload_lora_weights()
+        if self._ar:
+            self._pipe.delete_adapter("default")
+        else:
+            self._pipe.unload_lora_weights()
         self._lora = None
 
     @property

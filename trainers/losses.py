@@ -525,3 +525,62 @@ def kl_velocity(v_new, v_ref, reduce: str = "mean"):
     means differ by a σ-dependent multiple of the velocities); :func:`kl_to_reference` stays the latent-space KL.
     """
     return _reduce_nonbatch((v_new.float() - v_ref.float()) ** 2, reduce)
+
+
+# ============================================================================================ AR GRPO (token policies)
+def categorical_entropy(logits):
+    """Entropy ``H = -Σ_v p_v log p_v`` (nats) of the categorical ``softmax(logits)`` over the last dim; shape
+    ``logits.shape[:-1]``. Differentiable (AR GRPO's entropy bonus)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def categorical_kl(logits, ref_logits):
+    """Exact ``KL(π ‖ π_ref) = Σ_v π_v (log π_v - log π_ref,v)`` between ``softmax(logits)`` and
+    ``softmax(ref_logits)`` over the last dim (the whole vocabulary, no sampled estimator); shape
+    ``logits.shape[:-1]``, ≥ 0."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy_coef_update(log_coef: float, entropy: float, target: float, lr: float,
+                        coef_min: float = 0.0, coef_max: float = 1.0) -> float:
+    """One step of the adaptive entropy regulariser (SAC's automatic temperature, on the token entropy)::
+
+        log α' = log α + lr · (H_target - H)        then α' clipped to [coef_min, coef_max]
+
+    i.e. gradient descent on ``-log α · (H - H_target)``: the bonus ``α·H`` grows while the policy's entropy is
+    below its target and shrinks above it. Returns the new ``log α`` (pure; floats)."""
+    new = float(log_coef) + float(lr) * (float(target) - float(entropy))
+    lo = math.log(coef_min) if coef_min > 0 else -math.inf
+    hi = math.log(coef_max) if coef_max > 0 else -math.inf
+    return min(max(new, lo), hi)
+
+
+def mean_pairwise_distance(features) -> float:
+    """Mean Euclidean distance over all unordered pairs of rows of ``features`` (N, D); 0 for N < 2. The per-step
+    diversity figure of AR GRPO (on L2-normalised CLIP features: ``sqrt(2 - 2 cos)``)."""
+    import numpy as np
+
+    x = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2:
+        return 0.0
+    sq = (x * x).sum(1)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0, None)
+    iu = np.triu_indices(n, k=1)
+    return float(np.sqrt(d2[iu]).mean())
+
+
+def standardize(values, eps: float = 1e-8):
+    """``(x - mean) / (std + eps)`` over a 1-D array (population std); all-equal values give zeros. How AR GRPO puts
+    reward components of different units on one scale before weighting them."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    return (x - x.mean()) / (x.std() + eps)

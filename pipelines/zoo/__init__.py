@@ -28,7 +28,7 @@ ZOO_VERSION = "4"
 ZOO_PREFIX = "zoo:"
 MARKER = ".complete"
 ZOO_COMPONENTS = ("t2i", "edit", "judge", "clip", "sdxl", "sd3", "flux", "flux_kontext", "qwen_image",
-                  "qwen_image_edit")
+                  "qwen_image_edit", "janus")
 
 # name -> "module:function"; builders take the (existing, empty) output directory.
 _BUILDERS: dict[str, str] = {
@@ -42,6 +42,7 @@ _BUILDERS: dict[str, str] = {
     "flux_kontext": "pipelines.zoo.families:build_flux_kontext",
     "qwen_image": "pipelines.zoo.families:build_qwen_image",
     "qwen_image_edit": "pipelines.zoo.families:build_qwen_image_edit",
+    "janus": "pipelines.zoo.janus:build_janus",  # autoregressive VQ-token t2i (Janus-Pro layout)
     # trained on the proving ground's world; built on first use of zoo:<name>, never by `make zoo`
     "world_gen": "pipelines.zoo.trained:build_world_gen",
     "world_clip": "pipelines.zoo.trained:build_world_clip",

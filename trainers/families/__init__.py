@@ -13,6 +13,11 @@ never from a setting the user must keep in sync::
 | ``sd3``      | StableDiffusion3Pipeline                                                | flow matching    |
 | ``flux``     | FluxPipeline, FluxKontextPipeline                                       | flow matching    |
 | ``qwen_image`` | QwenImagePipeline, QwenImageEditPlusPipeline, QwenImageEditPipeline   | flow matching    |
+| ``janus``    | JanusForConditionalGeneration (transformers; ``config.json`` architectures) | AR VQ tokens |
+
+``janus`` is the autoregressive family (:mod:`trainers.families.janus`): a transformers checkpoint with no
+``model_index.json``, detected from ``config.json``; it implements what generation and ``trainers.ar_grpo`` need,
+not the denoiser interface of :class:`ModelFamily`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ _MODULES = {
     "flux": "trainers.families.flux:FluxFamily",
     "qwen_image": "trainers.families.qwen_image:QwenImageFamily",
 }
+# autoregressive families (transformers checkpoints, detected from config.json's architectures)
+_AR_MODULES = {"janus": "trainers.families.janus:JanusFamily"}
+AR_ARCHITECTURES = {"JanusForConditionalGeneration": "janus"}
 # pipeline class -> family name (kept here, not imported, so detection needs no torch)
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -53,12 +61,14 @@ PIPELINE_INPUT_IMAGES = {
 }
 FAMILIES = tuple(_MODULES)
 FLOW_FAMILIES = ("sd3", "flux", "qwen_image")
+AR_FAMILIES = tuple(_AR_MODULES)
 
 
 def family_class(name: str) -> type[ModelFamily]:
-    if name not in _MODULES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
-    module, cls = _MODULES[name].split(":")
+    modules = {**_MODULES, **_AR_MODULES}
+    if name not in modules:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES + AR_FAMILIES)}")
+    module, cls = modules[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -71,16 +81,31 @@ def resolve_path(ref: str) -> str:
     return str(ref)
 
 
+def _ar_architecture(config: Path) -> str | None:
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return next((a for a in archs if a in AR_ARCHITECTURES), None)
+
+
 def pipeline_class_name(ref: str) -> str:
-    """The ``_class_name`` in the checkpoint's ``model_index.json`` (a hub id is only fetched when named)."""
+    """The ``_class_name`` in the checkpoint's ``model_index.json``, or for a transformers checkpoint of an
+    autoregressive family the architecture in its ``config.json`` (a hub id is only fetched when named)."""
     path = Path(resolve_path(ref))
     index = path / "model_index.json"
     if not index.is_file():
+        if (path / "config.json").is_file() and _ar_architecture(path / "config.json"):
+            return str(_ar_architecture(path / "config.json"))
         if path.exists() or str(ref).startswith((".", "/", "~")):
             raise FileNotFoundError(f"{ref}: no model_index.json (not a diffusers pipeline directory)")
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-        index = Path(hf_hub_download(str(ref), "model_index.json"))
+        try:
+            index = Path(hf_hub_download(str(ref), "model_index.json"))
+        except EntryNotFoundError:
+            arch = _ar_architecture(Path(hf_hub_download(str(ref), "config.json")))
+            if arch is None:
+                raise
+            return arch
     name = json.loads(index.read_text()).get("_class_name")
     if not isinstance(name, str):
         raise ValueError(f"{index}: no _class_name")
@@ -90,6 +115,8 @@ def pipeline_class_name(ref: str) -> str:
 def detect_family(ref: str) -> str:
     """The family name of a checkpoint, from its pipeline class."""
     cls = pipeline_class_name(ref)
+    if cls in AR_ARCHITECTURES:
+        return AR_ARCHITECTURES[cls]
     if cls not in PIPELINE_FAMILIES:
         raise ValueError(f"{ref}: pipeline class {cls} belongs to no supported family; supported classes: "
                          f"{', '.join(sorted(PIPELINE_FAMILIES))}")
@@ -110,6 +137,8 @@ def load_family(ref: str, device: Any = None, dtype: Any = None, freeze: bool = 
 
     path = resolve_path(ref)
     name = detect_family(ref)
+    if name in AR_FAMILIES:  # a transformers checkpoint, loaded through its own from_pretrained
+        return family_class(name).from_pretrained(path, device=device, dtype=dtype, freeze=freeze)
     cls_name = pipeline_class_name(ref)
     diffusers.utils.logging.disable_progress_bar()
     with contextlib.suppress(Exception):
@@ -133,6 +162,6 @@ def load_family(ref: str, device: Any = None, dtype: Any = None, freeze: bool = 
     return family
 
 
-__all__ = ["FAMILIES", "FLOW_FAMILIES", "PIPELINE_FAMILIES", "TASKS", "Conditioning", "ModelFamily", "Schedule",
+__all__ = ["AR_FAMILIES", "FAMILIES", "FLOW_FAMILIES", "PIPELINE_FAMILIES", "TASKS", "Conditioning", "ModelFamily", "Schedule",
            "UnsupportedTaskError", "detect_family", "family_class", "input_images", "load_family", "pipeline_class_name",
            "resolve_path"]
