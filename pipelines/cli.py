@@ -10,6 +10,10 @@
                                          columns (default: the latest version under the data root, t2i pairs
                                          only, soft labels rounded to 0/0.5/1); prints a JSON summary, and what
                                          it left out on stderr
+    python -m pipelines.cli check-profile [FILE|NAME]
+                                         validate a profile (default: $PREFMILL_PROFILE or tiny) and print its
+                                         resolved settings as YAML (exit 0), or each problem as
+                                         `path.to.key: problem` on stderr (exit 2)
 """
 
 from __future__ import annotations
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["seed-inbox", "register", "partitions", "summary", "export-pickapic",
-                                            "recover"])
+                                            "recover", "check-profile"])
+    parser.add_argument("profile", nargs="?", default=None,
+                        help="check-profile: a profile name (pipelines/profiles/<name>.yaml) or a YAML file")
     parser.add_argument("--data", default=default_data_root())
     parser.add_argument("--inbox", default=None)
     export = parser.add_argument_group("export-pickapic")
@@ -157,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                    "this too)")
     recover.add_argument("--dry-run", action="store_true", help="only say what recover would do")
     args = parser.parse_args(argv)
+    if args.profile is not None and args.command != "check-profile":
+        parser.error(f"{args.command} takes no profile argument")
+    if args.command == "check-profile":
+        return check_profile(args.profile)
     if args.command == "recover":
         return recover_runs(args.dry_run)
     if args.command == "export-pickapic":
@@ -179,6 +189,27 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(keys))
     else:
         print(summary(Path(args.data)))
+    return 0
+
+
+def check_profile(name_or_path: str | None) -> int:
+    """``check-profile``: the profile's resolved settings (after ``extends:``, defaults filled in) as YAML on
+    stdout and exit 0; its problems on stderr and exit 2."""
+    import yaml
+
+    from pipelines.profiles import ProfileError, load_profile, profile_path
+
+    try:
+        path = profile_path(name_or_path or os.environ.get("PREFMILL_PROFILE") or "tiny")
+        settings = load_profile(str(path))
+    except ProfileError as exc:
+        print(f"check-profile: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable file, YAML syntax error
+        print(f"check-profile: {name_or_path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {path}: valid; resolved settings (extends merged, defaults filled in)")
+    print(yaml.safe_dump(settings, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True), end="")
     return 0
 
 

@@ -7,6 +7,12 @@ A profile is a YAML file; a name resolves to ``pipelines/profiles/<name>.yaml``,
 The optional ``inputs`` section bounds what a prompt batch may bring in (``InputLimits``: image pixels and sides,
 line bytes, JSON depth, text length); a profile without it gets the defaults, a key given there replaces only that
 default, and an unknown key or a value that is not a positive integer is a ``ProfileError``.
+
+Every profile is validated at load against the typed schema (:mod:`pipelines.profile_schema`, after ``extends:``):
+an unknown or misspelt key, a wrong type, an unknown backend/strategy or a key the chosen backend does not use is a
+``ProfileError`` listing each problem as ``path.to.key: problem`` (``did you mean 'x'?`` for a near miss).
+``load_profile`` returns the validated settings as a plain dict with the schema's defaults filled in.
+``python -m pipelines.cli check-profile FILE|NAME`` prints them.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pipelines.profile_schema import TASKS, Inputs, ProfileProblems, resolve
+
 PROFILE_ENV = "PREFMILL_PROFILE"
 DEFAULT_PROFILE = "tiny"
 PROFILE_DIR = Path(__file__).resolve().parent
 REQUIRED_SECTIONS = ("generation", "judge", "clip", "rewards", "pairs", "corpora", "training", "eval")
-TASKS = ("t2i", "edit", "multi_ref")
 
 
 class ProfileError(ValueError):
@@ -33,12 +40,13 @@ class ProfileError(ValueError):
 class InputLimits:
     """What one prompt batch may bring in: the profile's optional ``inputs`` section, these defaults when absent."""
 
-    max_pixels: int = 16_777_216  # width x height of a source/reference image, read from its header (4096^2)
-    min_image_side: int = 16  # the shorter side of a source/reference image, in pixels
-    max_image_bytes: int = 32 << 20  # an image file larger than this is not read
-    max_line_bytes: int = 256 << 10  # one JSONL line (one prompt row), in UTF-8 bytes
-    max_json_depth: int = 32  # nesting of arrays/objects in one row (a prompt row needs 2)
-    max_text_chars: int = 2000  # the prompt text after normalisation
+    # the defaults live in the schema (pipelines.profile_schema.Inputs), with their docs
+    max_pixels: int = Inputs.model_fields["max_pixels"].default  # source/reference width x height (4096^2)
+    min_image_side: int = Inputs.model_fields["min_image_side"].default  # shorter side of a source/reference image
+    max_image_bytes: int = Inputs.model_fields["max_image_bytes"].default  # a larger image file is not read
+    max_line_bytes: int = Inputs.model_fields["max_line_bytes"].default  # one JSONL line (one prompt row), bytes
+    max_json_depth: int = Inputs.model_fields["max_json_depth"].default  # nesting of arrays/objects in one row
+    max_text_chars: int = Inputs.model_fields["max_text_chars"].default  # the prompt text after normalisation
 
     @classmethod
     def from_mapping(cls, section: Any) -> InputLimits:
@@ -76,32 +84,56 @@ def profile_path(name_or_path: str) -> Path:
 
 
 @lru_cache(maxsize=16)
-def _load(path: str) -> dict[str, Any]:
+def _merged(path: str) -> dict[str, Any]:
+    """The profile file with its ``extends:`` chain merged in (sections replace the parent's whole), unvalidated."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"profile {path} cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} is not a mapping")
     parent = data.pop("extends", None)
     if parent:
+        if not isinstance(parent, str):
+            raise ProfileError(f"profile {path}: extends must be a profile name or path, got {parent!r}")
         if str(profile_path(parent)) == str(path):
             raise ProfileError(f"profile {path} extends itself")
-        data = {**copy.deepcopy(_load(str(profile_path(parent)))), **data}
-    missing = [s for s in REQUIRED_SECTIONS if s not in data]
-    if missing:
-        raise ProfileError(f"profile {path} lacks sections {missing}")
-    generators = data["generation"].get("generators", {})
-    absent = [t for t in TASKS if t not in generators]
-    if absent:
-        raise ProfileError(f"profile {path}: generation.generators lacks tasks {absent}")
-    try:
-        input_limits(data)
-    except ProfileError as exc:
-        raise ProfileError(f"profile {path}: {exc}") from exc
+        data = {**copy.deepcopy(_merged(str(profile_path(parent)))), **data}
     return data
 
 
+def problems_message(path: str, problems: list[str]) -> str:
+    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return (f"profile {path} is invalid ({count}; unknown keys, wrong types and unsupported values are errors):\n"
+            + "\n".join(f"  {p}" for p in problems))
+
+
+@lru_cache(maxsize=16)
+def _load(path: str) -> dict[str, Any]:
+    data = _merged(path)
+    missing = [s for s in REQUIRED_SECTIONS if s not in data]
+    if missing:
+        raise ProfileError(f"profile {path} lacks sections {missing}")
+    generation = data["generation"]
+    generators = (generation.get("generators") if isinstance(generation, dict) else None) or {}
+    absent = [t for t in TASKS if not isinstance(generators, dict) or t not in generators]
+    if absent:
+        raise ProfileError(f"profile {path}: generation.generators lacks tasks {absent}")
+    try:
+        resolved = resolve(data)
+    except ProfileProblems as exc:
+        raise ProfileError(problems_message(path, exc.problems)) from None
+    try:
+        input_limits(resolved)
+    except ProfileError as exc:
+        raise ProfileError(f"profile {path}: {exc}") from exc
+    return resolved
+
+
 def load_profile(name_or_path: str | None = None) -> dict[str, Any]:
-    """The profile as a fresh dict (callers may mutate it)."""
+    """The validated profile as a fresh dict, the schema's defaults filled in (callers may mutate it); a
+    ``ProfileError`` naming each bad key otherwise."""
     name = name_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     return copy.deepcopy(_load(str(profile_path(name))))
