@@ -18,7 +18,6 @@ def build_eval_asset(run_asset: dg.AssetsDefinition, trainer: str) -> dg.AssetsD
         import polars as pl
         from PIL import Image
 
-        from labelers.stage import LabelingStage
         from pipelines.catalog import finished_partitions, load_prompts
         from pipelines.evaluation import evaluate_adapter
         from pipelines.io import write_json, write_parquet
@@ -44,11 +43,10 @@ def build_eval_asset(run_asset: dg.AssetsDefinition, trainer: str) -> dg.AssetsD
         rows = heldout.to_dicts()
         references = {r["prompt_id"]: [load(p) for p in r["reference_images"]] for r in rows}
         sources = {r["prompt_id"]: None for r in rows}
-        rewards = settings["rewards"]
-        stage = LabelingStage(judge=judge.judge(), scorer=clip.scorer(), lambdas=rewards["lambda"],
-                              drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
-                              judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
-                              preference_scorer=clip.preference_scorer())
+        from pipelines.stages import labeling_stage_from_profile
+
+        stage = labeling_stage_from_profile(settings["rewards"], judge=judge.judge(), scorer=clip.scorer(),
+                                            preference_scorer=clip.preference_scorer())
         from assets.training import training_model
 
         eval_generator = generator.for_model(training_model(settings))  # the model the adapter was trained on

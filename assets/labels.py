@@ -35,22 +35,18 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
 
     from labelers.diagnostics import diagnostics_markdown, judge_clip_agreement
     from labelers.rubrics import all_dimensions
-    from labelers.stage import LabelingStage
     from labelers.validation import label_problems
     from pipelines.candidates import load_candidate_images
     from pipelines.io import write_parquet
     from pipelines.labels import add_diversity, image_embeddings, label_partition
+    from pipelines.stages import checks_section, judge_section, labeling_stage_from_profile, rewards_section
 
     key = context.partition_key
     layout = storage.layout
     settings = profile.settings()
-    rewards = settings["rewards"]
-    stage = LabelingStage(
-        judge=judge.judge(), scorer=clip.scorer(), lambdas=rewards["lambda"],
-        drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
-        judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5),
-        preference_scorer=clip.preference_scorer(),
-    )
+    rewards = rewards_section(settings["rewards"])
+    stage = labeling_stage_from_profile(rewards, judge=judge.judge(), scorer=clip.scorer(),
+                                        preference_scorer=clip.preference_scorer())
     prompts = pl.read_parquet(layout.prompts(key))
     labels, relabelled = label_partition(
         stage=stage,
@@ -59,7 +55,7 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         shard_dir=layout.asset_dir("candidate_images", key) / "shards",
         parts_dir=layout.asset_dir("reward_labels", key) / "parts",
         out_path=layout.labels(key),
-        batch_size=settings["judge"].get("batch_size", 8),
+        batch_size=judge_section(settings["judge"]).batch_size,
         log=context.log.info,
     )
     shard_dir = layout.asset_dir("candidate_images", key) / "shards"
@@ -68,10 +64,9 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     # Stored for the corpora's near-duplicate filter (and reused by the diversity reward below).
     embeddings = image_embeddings(layout.asset_dir("reward_labels", key) / "embeddings.parquet", ok_images,
                                   clip.scorer(), log=context.log.info)
-    diversity = rewards.get("diversity", {})
-    if diversity.get("enabled"):
+    if rewards.diversity.enabled:
         labels = add_diversity(labels, key, ok_images, clip.scorer(),
-                               layout.asset_dir("reward_labels") / "_diversity", diversity.get("ema_decay", 0.9),
+                               layout.asset_dir("reward_labels") / "_diversity", rewards.diversity.ema_decay,
                                log=context.log.info, features_by_id=embeddings)
         write_parquet(labels, layout.labels(key))
     problems = label_problems(labels, dict(zip(prompts["prompt_id"], prompts["task"])))
@@ -83,13 +78,13 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         if len(ok) and name in ok.columns and ok[name].null_count() < len(ok):
             means[name] = round(float(ok[name].mean()), 4)
     parse_errors = by_status.get("parse_error", 0)
-    checks = settings.get("checks") or {}
-    max_parse_rate = float(checks.get("max_parse_error_rate", 0.2))
+    checks = checks_section(settings)
+    max_parse_rate = float(checks.max_parse_error_rate)
     parse_rate = parse_errors / max(1, len(labels))
     agreement = judge_clip_agreement(labels)["agreement"]
-    min_agreement = checks.get("min_judge_clip_agreement")
+    min_agreement = checks.min_judge_clip_agreement
     extra: dict = {}
-    if checks.get("verifier_agreement"):  # the proving ground: how the judge and CLIP agree with the verifier
+    if checks.verifier_agreement:  # the proving ground: how the judge and CLIP agree with the verifier
         from labelers.diagnostics import verifier_agreement
 
         texts = {r["prompt_id"]: (r["task"], r["text"]) for r in prompts.select("prompt_id", "task", "text").to_dicts()}

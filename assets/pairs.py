@@ -8,9 +8,6 @@ from assets.labels import reward_labels
 from pipelines.partitions import prompt_batch_partitions
 from pipelines.resources import JudgeResource, ProfileResource, StorageResource
 
-POINTWISE_KEYS = ("strategy", "min_margin", "tau", "tie_policy", "label_mode", "seed", "max_pairs_per_prompt",
-                  "tie_margin", "top_k", "dimensions", "margin_on")
-
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[reward_labels], group_name="labelling", kinds={"parquet"},
           check_specs=[dg.AssetCheckSpec("no_duplicate_pairs", asset="preference_pairs", blocking=True,
@@ -24,13 +21,14 @@ def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource
     prompts never make pairs (they are for evaluation)."""
     import polars as pl
 
-    from labelers.pairs import select_pairs
     from pipelines.io import write_parquet
+    from pipelines.stages import judge_section, pair_selector_from_profile
 
     key = context.partition_key
     layout = storage.layout
-    settings = dict(profile.settings()["pairs"])
-    mode = settings.pop("mode", "pointwise")
+    settings = profile.settings()
+    selector = pair_selector_from_profile(settings["pairs"])
+    mode = selector.mode
     labels = pl.read_parquet(layout.labels(key))
     prompts = pl.read_parquet(layout.prompts(key))
     candidates = pl.read_parquet(layout.candidates(key)).select("candidate_id", "image_sha256")
@@ -40,18 +38,17 @@ def preference_pairs(context: dg.AssetExecutionContext, storage: StorageResource
     train = labels.filter(pl.col("split") != "heldout")
     extra: dict = {}
     if mode == "pointwise":
-        pairs, drops = select_pairs(train, **{k: v for k, v in settings.items() if k in POINTWISE_KEYS})
+        pairs, drops = selector(train)
     elif mode == "pairwise":
-        from labelers.pairwise import PairwiseJudge
-        from pipelines.candidates import load_candidate_images
         from labelers.diagnostics import position_bias_rate
-        from pipelines.pairwise_stage import pairwise_partition
+        from pipelines.candidates import load_candidate_images
 
         images = load_candidate_images(layout.asset_dir("candidate_images", key) / "shards",
                                        set(train["candidate_id"].to_list()))
-        pairs, drops, verdicts = pairwise_partition(
-            PairwiseJudge(judge.judge()), train, prompts, images, layout.asset_dir("preference_pairs", key),
-            settings, profile.settings()["judge"].get("batch_size", 8), context.log.info)
+        pairs, drops, verdicts = selector(
+            train, judge=judge.judge(), prompts=prompts, images=images,
+            out_dir=layout.asset_dir("preference_pairs", key), batch_size=judge_section(settings["judge"]).batch_size,
+            log=context.log.info)
         answered = verdicts.filter(pl.col("status") == "ok").rename(
             {"answer_ab": "first_order", "answer_ba": "second_order"})
         extra = {"num_verdicts": len(verdicts), "position_bias_rate": position_bias_rate(answered),

@@ -138,6 +138,7 @@ def grpo_settings(storage: StorageResource, profile: ProfileResource, **override
     """(inputs, config) of a GRPO run on the RL prompt pool with the profile's rewards; ``overrides`` last."""
     from labelers.hashing import content_id
     from pipelines.io import file_sha256
+    from pipelines.stages import grpo_rewards_from_profile
     from pipelines.zoo import resolve_model
 
     pool_path = storage.layout.asset_dir("rl_prompt_pool") / "pool.parquet"
@@ -147,11 +148,8 @@ def grpo_settings(storage: StorageResource, profile: ProfileResource, **override
     config.update(
         prompt_pool=str(pool_path),
         clip_model=resolve_model(settings["clip"]["model"]), clip_backend=settings["clip"].get("backend", "open_clip"),
-        lambdas=settings["rewards"]["lambda"],
     )
-    drs = settings["rewards"].get("drs", {})
-    config.update(use_drs=bool(drs.get("enabled")), drs_k0=drs.get("k0", 10.0), drs_k1=drs.get("k1", 3.0),
-                  drs_tau=drs.get("tau", 0.65))
+    config.update(grpo_rewards_from_profile(settings["rewards"]))  # lambdas, use_drs, drs_k0, drs_k1, drs_tau
     config.update(overrides)
     return {"rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}, config
 
@@ -193,8 +191,10 @@ def ar_grpo_settings(storage: StorageResource, profile: ProfileResource, **overr
     the LOO-FID features use the profile's CLIP, the preference component its ``clip.preference_model``; the LOO-FID
     reference starts from the labelling stage's EMA moments of the candidates' CLIP features when they exist
     (``reward_labels/_diversity``), else from the initial policy's samples."""
+    from labelers.defaults import DEFAULT_LAMBDAS
     from labelers.hashing import content_id
     from pipelines.io import file_sha256
+    from pipelines.stages import rewards_section
     from pipelines.zoo import resolve_model
 
     settings = profile.settings()
@@ -207,10 +207,11 @@ def ar_grpo_settings(storage: StorageResource, profile: ProfileResource, **overr
         raise dg.Failure(f"no RL prompt pool at {pool_path}; materialize rl_prompt_pool first")
     model = spec.pop("model", None) or settings["generation"]["generators"]["t2i"]["model"]
     clip = settings["clip"]
+    lambdas = rewards_section(settings["rewards"]).lambda_
     config: dict[str, Any] = {"pretrained_model": resolve_model(model), "prompt_pool": str(pool_path),
                               "clip_model": resolve_model(clip["model"]),
                               "clip_backend": clip.get("backend", "open_clip"),
-                              "lambdas": {"t2i": float(settings["rewards"]["lambda"].get("t2i", 0.0))}}
+                              "lambdas": {"t2i": float(lambdas.get("t2i", DEFAULT_LAMBDAS["t2i"]))}}
     if clip.get("preference_model"):
         config.update(preference_model=resolve_model(clip["preference_model"]),
                       preference_backend=clip.get("preference_backend", "transformers"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from labelers.hashing import content_id
-from labelers.judge import resolve_model_path
+from labelers.judge.inputs import resolve_model_path
 from labelers.torch_compat import torch_threads
 
 _SCHEMES = ("local-dir:", "hf-hub:")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from labelers.judge import STATUS_OK, STATUS_PARSE_ERROR, STATUS_REWARD_ERROR, STATUSES
+from labelers.judge.protocol import STATUS_OK, STATUS_PARSE_ERROR, STATUS_REWARD_ERROR, STATUSES
 from labelers.rubrics import SCORE_MAX, SCORE_MIN
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,7 +237,7 @@ def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
     share of (candidate, dimension) judge scores equal to / within 1 of the verifier's; ``pairwise_<x>``: the share
     of same-prompt candidate pairs the verifier tells apart (different share of true facts) that ``x`` (``judge``:
     the mean judge score, ``clip``: CLIP_T, ``reward``: the aggregate reward) orders the same way."""
-    from labelers.judge import JudgeItem
+    from labelers.judge.protocol import JudgeItem
     from labelers.verifier import PromptParseError, verify
 
     ok = _ok(labels)

@@ -490,7 +490,7 @@ class NsfwClassifier:
         torch_compat.install()
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from labelers.judge import resolve_model_path
+        from labelers.judge.inputs import resolve_model_path
 
         path = resolve_model_path(self.model_name)
         model = AutoModelForImageClassification.from_pretrained(path)

@@ -12,7 +12,9 @@ OpenAIJudge sends: ``model`` (must be the served name), ``messages`` (text parts
 
 Greedy requests that arrive close together (within ``--batch-wait-ms``, up to ``--max-batch``) and share schema and
 length are generated as one batch; sampled ones alone, so a seed reproduces its output whatever else is in flight.
-Generation runs on one worker thread (model access serialized), so the event loop stays responsive.
+Generation runs on one worker thread (model access serialized), so the event loop stays responsive. The model is
+a :class:`labelers.judge.TransformersJudge` (its loading, grammars and generation loop, speed-ups included), so
+the server answers exactly what the in-process judge answers.
 
 Auth: ``--api-key KEY`` or ``--api-key-env VAR`` (better: not visible in ``ps``) makes ``/v1/*`` require
 ``Authorization: Bearer KEY`` (401 otherwise). Test hooks: ``--fail-first N`` answers the first N authorized chat
@@ -206,109 +208,53 @@ def parse_request(body: Any, served_name: str, default_max_tokens: int, max_toke
 # The model
 # ----------------------------------------------------------------------------------------------------------------
 class Engine:
-    """Processor + model + xgrammar compiler, loaded like :meth:`labelers.judge.TransformersJudge.setup`;
-    :meth:`generate` runs one batch (same grammar/length/sampling) under a lock."""
+    """A :class:`labelers.judge.TransformersJudge` (its loading, grammars, generation loop and speed-ups) behind a
+    lock: :meth:`generate` runs one batch (same grammar/length/sampling) as one
+    :meth:`~labelers.judge.TransformersJudge.generate_tokens` call and reports each row's finish reason and
+    token counts."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", cpu_threads: int | None = None):
+        from labelers.judge.transformers_backend import TransformersJudge
+
         self.model_ref = model
-        self.device = device
-        self.dtype = dtype
-        self.cpu_threads = cpu_threads
+        self.backend = TransformersJudge(model, device=device, dtype=dtype, cpu_threads=cpu_threads)
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()
-        self._grammars: dict[tuple, Any] = {}
 
     def load(self) -> Engine:
-        from labelers import torch_compat
-
-        torch_compat.install()
-        import torch
-        import xgrammar as xgr
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from labelers.judge import resolve_model_path
-
-        path = resolve_model_path(self.model_ref)
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, self.dtype))
-        self.model = self.model.to(self.device).eval()
-        tokenizer = self.processor.tokenizer
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.stop_ids = eos
-        pad = self.model.generation_config.pad_token_id
-        self.pad_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                                   else eos[0])
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=eos)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=max(1, min(8, torch.get_num_threads())))
+        self.backend.setup()
         return self
 
     def compile(self, kind: str, schema: dict | None):
         """The compiled grammar of a response format (cached); ``None`` for free text. Invalid schema -> 400."""
         if kind == "text":
             return None
-        key = (kind, json.dumps(schema, sort_keys=True) if schema is not None else None)
         with self._compile_lock:
-            if key not in self._grammars:
-                try:
-                    if kind == "json_object":
-                        grammar = self.compiler.compile_builtin_json_grammar()
-                    else:
-                        grammar = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-                except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError on bad schemas
-                    raise RequestError(f"response_format schema not supported: {type(e).__name__}: {e}",
-                                       param="response_format") from None
-                self._grammars[key] = grammar
-            return self._grammars[key]
+            try:
+                if kind == "json_object":
+                    return self.backend.compiled_json_object()
+                return self.backend.compiled_schema(schema)
+            except (RuntimeError, ValueError, TypeError) as e:  # what xgrammar raises on a schema it cannot compile
+                raise RequestError(f"response_format schema not supported: {type(e).__name__}: {e}",
+                                   param="response_format") from None
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        import torch
-        from transformers import LogitsProcessorList
-
-        from labelers.judge import _make_grammar_processor, message_images
-        from labelers.torch_compat import torch_threads
-
         first = requests[0]
-        texts = [self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-                 for r in requests]
-        images = [img for r in requests for img in message_images(r.messages)]
         with self._lock:
-            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-            inputs = inputs.to(self.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            gen_kwargs: dict[str, Any] = {
-                "max_new_tokens": first.max_tokens,
-                "eos_token_id": self.stop_ids,
-                "pad_token_id": self.pad_id,
-            }
-            if first.grammar is not None:
-                processor = _make_grammar_processor(first.grammar, len(requests), self.vocab_size, self.stop_ids)
-                gen_kwargs["logits_processor"] = LogitsProcessorList([processor])
-            if first.temperature <= 0:
-                gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                gen_kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
-            devices = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
-            with torch.no_grad(), torch.random.fork_rng(devices=devices), torch_threads(self.cpu_threads):
-                torch.manual_seed(first.seed)
-                out = self.model.generate(**inputs, **gen_kwargs)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-        prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
-        stops = set(self.stop_ids) | {self.pad_id}
+            new_tokens, prompt_lens = self.backend.generate_tokens(
+                [r.messages for r in requests], first.grammar, max_new_tokens=first.max_tokens,
+                temperature=first.temperature, top_p=first.top_p, seed=first.seed)
+        tokenizer = self.backend.processor.tokenizer
+        stops = set(self.backend.stop_ids) | {self.backend.pad_id}
         results = []
-        for row, n_prompt in zip(new_tokens, prompt_lens):
+        for row, n_prompt in zip(new_tokens.tolist(), prompt_lens):
             end = next((k for k, t in enumerate(row) if t in stops), None)
             if end is None:
-                text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
-                results.append(GenResult(text, "length", int(n_prompt), len(row)))
+                results.append(GenResult(tokenizer.decode(row, skip_special_tokens=True), "length", n_prompt,
+                                         len(row)))
             else:
-                text = self.processor.tokenizer.decode(row[:end], skip_special_tokens=True)
-                results.append(GenResult(text, "stop", int(n_prompt), end + 1))
+                results.append(GenResult(tokenizer.decode(row[:end], skip_special_tokens=True), "stop", n_prompt,
+                                         end + 1))
         return results
 
 

@@ -1,7 +1,7 @@
 """Judge through an OpenAI-compatible chat-completions endpoint (a vLLM server, :mod:`labelers.judge_server`, or a
 hosted model).
 
-:class:`OpenAIJudge` is a :class:`labelers.judge._JudgeBase` backend: the shared driver does image checks, per-task
+:class:`OpenAIJudge` is a :class:`labelers.judge.retry.JudgeBase` backend: the shared driver does image checks, per-task
 batching, parsing and parse retries; this module turns each batch into one ``POST {base_url}/chat/completions``
 per item, sent concurrently (``openai.AsyncOpenAI``, at most ``max_concurrency`` in flight) from sync code.
 
@@ -54,15 +54,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
-from labelers.judge import (
-    FEEDBACK_MAX_CHARS,
-    BadAnswer,
-    JudgeItem,
-    _JudgeBase,
-    build_messages,
-    json_depth_exceeds,
-    judgement_schema,
-)
+from labelers.judge.protocol import FEEDBACK_MAX_CHARS, JudgeItem, build_messages, judgement_schema
+from labelers.judge.retry import JudgeBase
+from labelers.judge.safejson import BadAnswer, json_depth_exceeds
 from labelers.rubrics import Rubric
 
 log = logging.getLogger(__name__)
@@ -254,7 +248,7 @@ def schema_name(schema: dict, default: str = "response") -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The judge
 # ----------------------------------------------------------------------------------------------------------------
-class OpenAIJudge(_JudgeBase):
+class OpenAIJudge(JudgeBase):
     """Judge on an OpenAI-compatible ``/chat/completions`` endpoint.
 
     ``model`` is the served model name; ``base_url`` ends before ``/chat/completions`` (``http://host:8000/v1``);

@@ -17,7 +17,8 @@
   table of DESIGN.md (``p_chosen`` = fitted BT probability, ``margin`` = strength difference,
   ``strategy = "pairwise_judge"``), with drops by reason.
 
-Heavy imports (polars, PIL) happen inside functions; no Dagster.
+Heavy imports (polars, PIL) happen inside functions; no Dagster. One module of ~500 lines on purpose: the answer
+format, the judge and the verdicts-to-pairs step share the verdict type and its outcome mapping.
 """
 
 from __future__ import annotations
@@ -31,22 +32,20 @@ import numpy as np
 
 from labelers.bradley_terry import BTFit, fit_bradley_terry, stable_sigmoid
 from labelers.hashing import content_id
-from labelers.judge import (
-    _CONTROL_RE,
+from labelers.judge.inputs import load_conditioning, load_image
+from labelers.judge.protocol import (
     FEEDBACK_MAX_CHARS,
     STATUS_IMAGE_ERROR,
     STATUS_OK,
     STATUS_PARSE_ERROR,
-    JudgementParseError,
-    answer_text,
-    decode_json_object,
-    load_conditioning,
-    safe_parse,
-    _image_part,
-    _load_image,
-    _text_part,
-    feedback_pattern,
+    ChoiceField,
+    ObjectModel,
+    TextField,
+    image_part,
+    reference_parts,
+    text_part,
 )
+from labelers.judge.safejson import JudgementParseError, answer_text, safe_parse
 from labelers.rubrics import Rubric, load_rubric
 
 PAIRWISE_PROMPT_VERSION = 1
@@ -129,20 +128,17 @@ class PairVerdict:
 # ----------------------------------------------------------------------------------------------------------------
 # Schema, prompt, parser
 # ----------------------------------------------------------------------------------------------------------------
-def pairwise_schema(max_reason_chars: int = FEEDBACK_MAX_CHARS) -> dict:
-    """JSON schema of a verdict: ``verdict`` in ``A``/``B``/``tie`` and a one-sentence ``reason`` bounded by the
-    same pattern as the pointwise feedback (no control characters, quotes or backslashes; 1..N characters), so a
+def verdict_model(max_reason_chars: int = FEEDBACK_MAX_CHARS) -> ObjectModel:
+    """The answer model of a verdict: ``verdict`` in ``A``/``B``/``tie`` (case ignored when parsing) and a
+    one-sentence ``reason`` bounded like the pointwise feedback (:class:`~labelers.judge.protocol.TextField`), so a
     constrained random model terminates with strict JSON."""
-    return {
-        "title": "pairwise_verdict",
-        "type": "object",
-        "properties": {
-            "verdict": {"type": "string", "enum": list(VERDICTS)},
-            "reason": {"type": "string", "pattern": feedback_pattern(max_reason_chars)},
-        },
-        "required": ["verdict", "reason"],
-        "additionalProperties": False,
-    }
+    return ObjectModel((("verdict", ChoiceField(VERDICTS)), ("reason", TextField(max_reason_chars))),
+                       title="pairwise_verdict")
+
+
+def pairwise_schema(max_reason_chars: int = FEEDBACK_MAX_CHARS) -> dict:
+    """JSON schema of a verdict (:func:`verdict_model`'s)."""
+    return verdict_model(max_reason_chars).schema()
 
 
 _TASK_SETUP = {
@@ -191,21 +187,17 @@ def build_pairwise_messages(
     rubric = rubric if rubric is not None else load_rubric(task)
     content: list[dict] = []
     if task == "edit":
-        content += [_text_part("Source image:"), _image_part(source_image)]
-        content += [_text_part("\nImage A:"), _image_part(image_a), _text_part("\nImage B:"), _image_part(image_b)]
-        content.append(_text_part(f"\nEdit instruction: {text}\nWhich edited image is better, A or B?"))
+        content += [text_part("Source image:"), image_part(source_image)]
+        content += [text_part("\nImage A:"), image_part(image_a), text_part("\nImage B:"), image_part(image_b)]
+        content.append(text_part(f"\nEdit instruction: {text}\nWhich edited image is better, A or B?"))
     else:
         if task == "multi_ref":
-            refs = list(reference_images)
-            types = list(reference_types) + [""] * (len(refs) - len(reference_types))
-            for i, (ref, rtype) in enumerate(zip(refs, types), start=1):
-                label = f"Reference {i} ({rtype}):" if rtype else f"Reference {i}:"
-                content += [_text_part(("\n" if i > 1 else "") + label), _image_part(ref)]
-        content += [_text_part(("\n" if content else "") + "Image A:"), _image_part(image_a)]
-        content += [_text_part("\nImage B:"), _image_part(image_b)]
-        content.append(_text_part(f"\nPrompt: {text}\nWhich image is better, A or B?"))
+            content += reference_parts(reference_images, reference_types)
+        content += [text_part(("\n" if content else "") + "Image A:"), image_part(image_a)]
+        content += [text_part("\nImage B:"), image_part(image_b)]
+        content.append(text_part(f"\nPrompt: {text}\nWhich image is better, A or B?"))
     return [
-        {"role": "system", "content": [_text_part(pairwise_system_prompt(rubric, max_reason_chars))]},
+        {"role": "system", "content": [text_part(pairwise_system_prompt(rubric, max_reason_chars))]},
         {"role": "user", "content": content},
     ]
 
@@ -214,28 +206,13 @@ def parse_verdict(raw: str) -> tuple[str, str]:
     """Validate a pairwise answer; returns ``(verdict, reason)`` with verdict in ``A``/``B``/``tie``.
 
     Tolerates one surrounding Markdown code fence and the verdict's case (``"a"``, ``"TIE"``); raises
-    :class:`~labelers.judge.JudgementParseError` on empty or non-JSON text, truncated JSON, a non-object, what
-    :func:`~labelers.judge.decode_json_object` refuses (too long, too deep, NaN / Infinity, absurd numbers),
-    duplicate / missing / unexpected keys, a verdict outside A/B/tie, or a reason that is not a string.
+    :class:`~labelers.judge.safejson.JudgementParseError` on empty or non-JSON text, truncated JSON, a non-object,
+    what :func:`~labelers.judge.safejson.decode_json_object` refuses (too long, too deep, NaN / Infinity, absurd
+    numbers), duplicate / missing / unexpected keys, a verdict outside A/B/tie, or a reason that is not a string.
     Control characters in the reason are collapsed to spaces. Pure function.
     """
-    data = decode_json_object(raw)
-    missing = [k for k in ("verdict", "reason") if k not in data]
-    if missing:
-        raise JudgementParseError(f"missing key(s) {missing}")
-    extra = sorted(k for k in data if k not in ("verdict", "reason"))
-    if extra:
-        raise JudgementParseError(f"unexpected key(s) {extra}")
-    verdict = data["verdict"]
-    if not isinstance(verdict, str):
-        raise JudgementParseError(f"verdict is {type(verdict).__name__}, not a string")
-    normalised = {"a": "A", "b": "B", "tie": "tie"}.get(verdict.strip().lower())
-    if normalised is None:
-        raise JudgementParseError(f"verdict {verdict!r} is not one of 'A', 'B', 'tie'")
-    reason = data["reason"]
-    if not isinstance(reason, str):
-        raise JudgementParseError(f"reason is {type(reason).__name__}, not a string")
-    return normalised, " ".join(_CONTROL_RE.sub(" ", reason).split())
+    data = verdict_model().parse(raw)
+    return data["verdict"], data["reason"]
 
 
 _MAP_AB = {"A": "first", "B": "second", "tie": "tie"}  # order (first, second): A is the first candidate
@@ -275,10 +252,10 @@ def pairwise_judge_id(backend: Any, task: str, max_reason_chars: int = FEEDBACK_
 
 def prepare_pair(item: PairItem) -> tuple[PairItem | None, str | None]:
     """Decode every image of ``item``: (item with RGB PIL images, None) or (None, image error)."""
-    a, err = _load_image(item.image_a, "image A")
+    a, err = load_image(item.image_a, "image A")
     if err:
         return None, err
-    b, err = _load_image(item.image_b, "image B")
+    b, err = load_image(item.image_b, "image B")
     if err:
         return None, err
     source, refs, err = load_conditioning(item.task, item.source_image, item.reference_images, what="pair")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from labelers.bradley_terry import stable_sigmoid
+from labelers.defaults import CLIP_WEIGHT, DRS_K0, DRS_K1, DRS_TAU, JUDGE_WEIGHT
 
 SCORE_MAX = 5.0
 
@@ -48,14 +49,14 @@ def lambda_harmonic(clip_i: Any | None, clip_t: Any, lam: float, eps: float = 1e
     return float(out) if np.ndim(out) == 0 else out
 
 
-def drs_k(n_refs: int, k0: float = 10.0, k1: float = 3.0) -> float:
+def drs_k(n_refs: int, k0: float = DRS_K0, k1: float = DRS_K1) -> float:
     """DRS steepness: more references, sharper sigmoid."""
     return float(k0) + float(k1) * (int(n_refs) - 2)
 
 
-def drs_sharpen(sims: Any, n_refs: int, k0: float = 10.0, k1: float = 3.0, tau: float = 0.65) -> Any:
+def drs_sharpen(sims: Any, n_refs: int, k0: float = DRS_K0, k1: float = DRS_K1, tau: float = DRS_TAU) -> Any:
     """Dynamic reward sharpening ``σ(k · (s - τ))``, elementwise (float in, float out; sequences -> array).
-    Defaults are DyRef's released code: ``k = 10 + 3·(n_refs - 2)``, ``τ = 0.65``."""
+    Defaults are DyRef's released code (:mod:`labelers.defaults`): ``k = 10 + 3·(n_refs - 2)``, ``τ = 0.65``."""
     k = drs_k(n_refs, k0, k1)
     sims = np.asarray(sims, dtype=np.float64)
     finite = np.isfinite(sims)
@@ -63,7 +64,7 @@ def drs_sharpen(sims: Any, n_refs: int, k0: float = 10.0, k1: float = 3.0, tau: 
     return np.where(finite, out, np.nan) if np.ndim(out) else (out if bool(finite) else float("nan"))
 
 
-def drs_clip_i(per_ref: Any, k0: float = 10.0, k1: float = 3.0, tau: float = 0.65) -> float | None:
+def drs_clip_i(per_ref: Any, k0: float = DRS_K0, k1: float = DRS_K1, tau: float = DRS_TAU) -> float | None:
     """Mean of the DRS-sharpened per-reference similarities (``None`` without references)."""
     sims = np.asarray(per_ref, dtype=np.float64).reshape(-1)
     if sims.size == 0:
@@ -84,8 +85,8 @@ def judge_mean(judge_scores: Mapping[str, float] | None) -> float | None:
 def aggregate_reward(
     judge_scores: Mapping[str, float] | None,
     lambda_harmonic: float,
-    judge_weight: float = 0.5,
-    clip_weight: float = 0.5,
+    judge_weight: float = JUDGE_WEIGHT,
+    clip_weight: float = CLIP_WEIGHT,
 ) -> float:
     """``judge_weight · mean(scores) / 5 + clip_weight · lambda_harmonic``.
 

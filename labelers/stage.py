@@ -30,13 +30,15 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from labelers.defaults import CLIP_WEIGHT, DEFAULT_LAMBDAS, JUDGE_WEIGHT
 from labelers.hashing import content_id
-from labelers.judge import STATUS_IMAGE_ERROR, STATUS_OK, STATUS_REWARD_ERROR, JudgeItem, prepare_item
+from labelers.judge.inputs import prepare_item
+from labelers.judge.protocol import STATUS_IMAGE_ERROR, STATUS_OK, STATUS_REWARD_ERROR, JudgeItem
 from labelers.rewards import aggregate_reward, drs_clip_i
 from labelers.rewards import lambda_harmonic as lambda_harmonic_fn
 from labelers.rubrics import all_dimensions
 
-DEFAULT_LAMBDAS: dict[str, float] = {"t2i": 0.0, "edit": 0.5, "multi_ref": 0.5}
+# DEFAULT_LAMBDAS (λ per task, from labelers.defaults) stays importable from here for older callers.
 
 
 def label_columns(dimensions: Sequence[str] | None = None) -> list[str]:
@@ -105,8 +107,8 @@ class LabelingStage:
         scorer: Any | None,
         lambdas: Mapping[str, float] | None = None,
         drs: Mapping[str, float] | None = None,
-        judge_weight: float = 0.5,
-        clip_weight: float = 0.5,
+        judge_weight: float = JUDGE_WEIGHT,
+        clip_weight: float = CLIP_WEIGHT,
         dimensions: Sequence[str] | None = None,
         preference_scorer: Any | None = None,
     ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from labelers.judge import STATUS_OK, STATUSES
+from labelers.judge.protocol import STATUS_OK, STATUSES
 from labelers.rubrics import all_dimensions, load_rubric
 
 REQUIRED = ("candidate_id", "prompt_id", "judge_id", "clip_t", "clip_i", "clip_i_per_ref", "lambda_harmonic",

@@ -42,17 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelers.judge import (
+from labelers.judge.inputs import prepare_item
+from labelers.judge.protocol import (
     FEEDBACK_MAX_CHARS,
     STATUS_IMAGE_ERROR,
     STATUS_OK,
     STATUS_PARSE_ERROR,
     JudgeItem,
     JudgeResult,
-    _JudgeBase,
     judge_id,
-    prepare_item,
 )
+from labelers.judge.retry import JudgeBase
 from labelers.rubrics import SCORE_MAX
 
 VERIFIER_VERSION = 1
@@ -735,7 +735,7 @@ def verify(item: JudgeItem, dimensions: Sequence[str] | None = None) -> Verifica
     return score_facts(facts, dims, reading)
 
 
-class VerifierJudge(_JudgeBase):
+class VerifierJudge(JudgeBase):
     """The verifier as a judge backend (``judge.backend: verifier``): same ``judge(items)`` results as the VLM
     judges; ``judge_id`` hashes ``verifier-v<VERSION>`` and the rubric. Deterministic, CPU only, no model."""
 

@@ -13,6 +13,7 @@ keys make a repeated decision a no-op.
 import dagster as dg
 
 from pipelines.partitions import PROMPT_BATCH_PARTITIONS, prompt_batch_partitions
+from pipelines.profile_schema import DEFAULT_MIN_NEW_SAMPLES  # automation.min_new_samples; declared there
 from pipelines.resources import ProfileResource, StorageResource
 
 PARTITIONED_ASSETS = ["prompt_batches", "candidate_images", "reward_labels", "preference_pairs"]
@@ -27,7 +28,6 @@ GATING_CHECKS = {
     "sft_corpus": ["shards_match_manifest"],
     "preference_corpus": ["shards_match_manifest", "label_0_balanced"],
 }
-DEFAULT_MIN_NEW_SAMPLES = 16
 
 label_batch_job = dg.define_asset_job(
     "label_batch_job",

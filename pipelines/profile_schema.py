@@ -3,16 +3,25 @@
 ``pipelines.profiles.load_profile`` validates a profile (after ``extends:``) against :class:`Profile`; an unknown
 key, a wrong type, an unknown backend/strategy or a key the chosen backend does not use is a ``ProfileError``
 listing each problem as ``path.to.key: problem`` (with ``did you mean 'x'?`` for a near miss). The loaded profile
-stays a plain dict: :func:`resolve` returns the validated settings with the defaults below filled in, so this module
-is the one place each default lives. Two kinds of section are handed on as written instead (only the keys given):
+stays a plain dict: :func:`resolve` returns the validated settings with the defaults below filled in, so the
+consumers of a loaded profile need no defaults of their own. Two kinds of section are handed on as written instead (only the keys given):
 the generator specs (``generation.generators.<task>``, defaults: ``pipelines.generation.ImageGenerator``) and the
 trainer sections (``training.<trainer>``, defaults: the trainer's config dataclass, e.g. ``trainers.sft.SFTConfig``)
 — their defaults are documented here (and tests keep them equal) but filled in by those classes, because the assets
 derive some of them from elsewhere when absent (a trainer's ``resolution`` from the t2i generator's width, its
 ``tasks`` from ``training.tasks``). A key whose default is ``None`` ("absent") is left out when not given.
 
-Imports pydantic and the standard library only (no Dagster, no torch): ``python -m pipelines.cli check-profile``
-and the trainers' processes may use it.
+The reward defaults that the labelling stage and the trainers share (λ, DRS, the reward weights, the judge's
+feedback length) live in :mod:`labelers.defaults` and DyRef's DAR weights in :mod:`trainers.losses`, the lowest
+layers that use them; the fields below take them from there (and the names stay importable from here), so each
+number is written once.
+
+Imports pydantic, the standard library, :mod:`labelers.defaults` and :mod:`trainers.losses` (both import nothing
+heavy at top level): no Dagster, no torch, no numpy, so ``python -m pipelines.cli check-profile`` and the trainers'
+processes may use it.
+
+One module over ~500 lines: it is the profile's schema, one model per section, and reads as the reference of every
+key a profile may hold; the models nest into :class:`Profile` and share the validators and suggestions below.
 """
 
 from __future__ import annotations
@@ -24,19 +33,21 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_serializer, model_validator)
 
+from labelers.defaults import (CLIP_WEIGHT, DEFAULT_LAMBDA, DEFAULT_LAMBDAS, DRS_K0, DRS_K1, DRS_TAU,
+                               FEEDBACK_MAX_CHARS, JUDGE_WEIGHT)
+from trainers.losses import DYREF_DAR_GAMMA, DYREF_DAR_W_MAX, DYREF_DAR_W_MIN
+
 TASKS = ("t2i", "edit", "multi_ref")
 Task = Literal["t2i", "edit", "multi_ref"]
 DType = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
 JUDGE_BACKENDS = ("transformers", "vllm", "openai", "verifier")
 PAIR_MODES = ("pointwise", "pairwise")
 
-# ---- the reward defaults shared by labelling, GRPO and the evals (DyRef's released values) ----
-#: λ of the λ-Harmonic reward per task when a profile gives no ``rewards.lambda`` (t2i has no references: unused)
-DEFAULT_LAMBDAS: dict[str, float] = {"t2i": 0.0, "edit": 0.5, "multi_ref": 0.5}
-#: DyRef's reference-similarity sharpening σ(k(s-τ)), k = k0 + k1·(n_refs-2)
-DRS_K0, DRS_K1, DRS_TAU = 10.0, 3.0, 0.65
-#: the judge's feedback is cut to this many characters per dimension (``labelers.judge.FEEDBACK_MAX_CHARS``)
-FEEDBACK_MAX_CHARS = 120
+# The reward defaults shared by labelling, GRPO and the evals (DyRef's released values) are imported above from
+# labelers.defaults (DEFAULT_LAMBDAS, DEFAULT_LAMBDA, DRS_K0/K1/TAU, JUDGE_WEIGHT, CLIP_WEIGHT, FEEDBACK_MAX_CHARS)
+# and trainers.losses (DYREF_DAR_*). This module's own, for the pipelines that read it:
+#: new corpus samples that start training (``automation.min_new_samples``; ``pipelines.automation``)
+DEFAULT_MIN_NEW_SAMPLES = 16
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -248,8 +259,10 @@ class Rewards(_Section):
     lambda_: dict[Task, Fraction] = Field(default_factory=lambda: dict(DEFAULT_LAMBDAS), alias="lambda",
                                           description="λ of the λ-Harmonic reward per task (missing tasks: 0.5)")
     drs: Drs = Field(default_factory=Drs, description="DyRef's reference-similarity sharpening")
-    judge_weight: Annotated[float, Field(ge=0.0)] = Field(0.5, description="weight of the mean judge score")
-    clip_weight: Annotated[float, Field(ge=0.0)] = Field(0.5, description="weight of the λ-Harmonic CLIP reward")
+    judge_weight: Annotated[float, Field(ge=0.0)] = Field(JUDGE_WEIGHT, description="weight of the mean judge "
+                                                                                   "score")
+    clip_weight: Annotated[float, Field(ge=0.0)] = Field(CLIP_WEIGHT, description="weight of the λ-Harmonic CLIP "
+                                                                                 "reward")
     diversity: Diversity = Field(default_factory=Diversity, description="leave-one-out FID reward")
 
 
@@ -454,11 +467,11 @@ class GrpoTrainer(_GroupTrainer):
                                                                                              "trained per update")
     reward: Literal["clip", "verifier"] = Field("clip", description="λ-Harmonic CLIP or the proving ground's "
                                                                     "verifier")
-    default_lambda: Fraction = Field(0.5, description="λ for tasks missing from rewards.lambda")
+    default_lambda: Fraction = Field(DEFAULT_LAMBDA, description="λ for tasks missing from rewards.lambda")
     use_dar: bool = Field(True, description="DyRef DAR focal group weights")
-    dar_gamma: Annotated[float, Field(ge=0.0)] = Field(2.0, description="DAR focal exponent γ")
-    dar_w_min: Annotated[float, Field(ge=0.0)] = Field(0.5, description="DAR weight lower clip")
-    dar_w_max: Annotated[float, Field(gt=0.0)] = Field(5.0, description="DAR weight upper clip")
+    dar_gamma: Annotated[float, Field(ge=0.0)] = Field(DYREF_DAR_GAMMA, description="DAR focal exponent γ")
+    dar_w_min: Annotated[float, Field(ge=0.0)] = Field(DYREF_DAR_W_MIN, description="DAR weight lower clip")
+    dar_w_max: Annotated[float, Field(gt=0.0)] = Field(DYREF_DAR_W_MAX, description="DAR weight upper clip")
 
 
 class ArGrpo(_GroupTrainer):
@@ -529,7 +542,8 @@ class Checks(_Section):
 class Automation(_Section):
     """The daemon's sensors."""
 
-    min_new_samples: PositiveInt = Field(16, description="new corpus samples that start training")
+    min_new_samples: PositiveInt = Field(DEFAULT_MIN_NEW_SAMPLES, description="new corpus samples that start "
+                                                                               "training")
 
 
 class Inputs(_Section):

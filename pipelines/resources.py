@@ -123,36 +123,11 @@ class JudgeResource(dg.ConfigurableResource):
     _judge: Any = PrivateAttr(default=None)
 
     def judge(self):
+        """The profile's judge, built by ``pipelines.stages.judge_from_profile`` and set up once."""
         if self._judge is None:
-            settings = self.profile.settings()
-            spec = dict(settings["judge"])
-            backend = spec.pop("backend")
-            if settings.get("cpu_threads"):
-                spec.setdefault("cpu_threads", settings["cpu_threads"])
-            if backend == "transformers":
-                from labelers.judge import TransformersJudge
+            from pipelines.stages import judge_from_profile
 
-                spec.setdefault("device", self.device or settings.get("device", "cpu"))
-                spec.setdefault("dtype", settings.get("dtype", "float32"))
-                spec = {k: v for k, v in spec.items() if k in _init_params(TransformersJudge)}
-                self._judge = TransformersJudge(**spec)
-            elif backend == "openai":
-                from labelers.openai_judge import OpenAIJudge
-
-                spec = {k: v for k, v in spec.items() if k in _init_params(OpenAIJudge)}
-                self._judge = OpenAIJudge(api_key=self.api_key, **spec)
-            elif backend == "vllm":
-                from labelers.judge import VllmJudge
-
-                spec = {k: v for k, v in spec.items() if k in _init_params(VllmJudge)}
-                self._judge = VllmJudge(**spec)
-            elif backend == "verifier":  # the proving ground's fact checker (labelers/verifier.py), no model
-                from labelers.verifier import VerifierJudge
-
-                spec = {k: v for k, v in spec.items() if k in _init_params(VerifierJudge)}
-                self._judge = VerifierJudge(**spec)
-            else:
-                raise ValueError(f"profile {self.profile.name!r}: unknown judge backend {backend!r}")
+            self._judge = judge_from_profile(self.profile.settings(), device=self.device, api_key=self.api_key)
             self._judge.setup()
         return self._judge
 
@@ -214,12 +189,6 @@ def multi_ref_input(model: str) -> str:
         raise ValueError(f"task 'multi_ref' needs a model that takes input images, but {model} "
                          f"({pipeline_class_name(path)}) conditions on text only")
     return "native" if n > 1 else "grid"
-
-
-def _init_params(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
 def default_resources(data_root: str | None = None, profile: str | None = None) -> dict[str, Any]:

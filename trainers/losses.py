@@ -13,17 +13,19 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from labelers.defaults import DRS_TAU as DYREF_DRS_TAU  # noqa: F401 - re-exported: DyRef's τ, with the DRS defaults
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
-# DyRef's Difficulty-Aware Reweighting / reference-selection settings (see :func:`dar_weights`). Other modules keep
-# their own defaults; these are the values DyRef reports, for callers that want to run it as published.
+# DyRef's Difficulty-Aware Reweighting settings (see :func:`dar_weights`), the one place they live: GRPOConfig and
+# the profile schema take their defaults from here. ``dar_weights`` keeps its own, looser defaults; these are the
+# values DyRef reports. (DyRef's DRS τ, ``DYREF_DRS_TAU``, is ``labelers.defaults.DRS_TAU``.)
 DYREF_DAR_W_MIN = 0.5
 DYREF_DAR_W_MAX = 5.0
 DYREF_DAR_GAMMA = 2.0
-DYREF_DRS_TAU = 0.65
 
 
 def _reduce_nonbatch(x: "torch.Tensor", reduce: str) -> "torch.Tensor":

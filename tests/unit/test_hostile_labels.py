@@ -23,7 +23,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-import labelers.judge as judge_module
+import labelers.judge.vllm_backend as judge_module
 from labelers.clip_scorer import ClipScores
 from labelers.diagnostics import parse_error_rate, status_counts
 from labelers.filters import MISSING_REWARD, judge_failure

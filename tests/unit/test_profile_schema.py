@@ -224,15 +224,159 @@ def test_trainer_sections_match_their_config_dataclasses(section, config):
     assert set(fields) - settable == set(), set(fields) - settable
 
 
-def test_reward_defaults_are_the_consumers():
-    from labelers import rewards
-    from labelers.judge import FEEDBACK_MAX_CHARS
-    from labelers.stage import DEFAULT_LAMBDAS
+def test_reward_defaults_have_one_home():
+    """λ, DRS, the reward weights and the feedback length live in labelers.defaults, DyRef's DAR weights in
+    trainers.losses, min_new_samples in the schema: every other module (the schema included) imports them, so the
+    schema's default IS the consumer's."""
+    from labelers import defaults, rewards, stage
+    from pipelines import automation
+    from trainers import losses
+    from trainers.grpo import GRPOConfig
 
-    assert schema.DEFAULT_LAMBDAS == DEFAULT_LAMBDAS
-    assert schema.FEEDBACK_MAX_CHARS == FEEDBACK_MAX_CHARS
+    names = ("DEFAULT_LAMBDAS", "DEFAULT_LAMBDA", "DRS_K0", "DRS_K1", "DRS_TAU", "JUDGE_WEIGHT", "CLIP_WEIGHT",
+             "FEEDBACK_MAX_CHARS")
+    for name in names:  # re-exported, not copied
+        assert getattr(schema, name) is getattr(defaults, name), name
+    assert stage.DEFAULT_LAMBDAS is defaults.DEFAULT_LAMBDAS
+    assert losses.DYREF_DRS_TAU is defaults.DRS_TAU
+    assert automation.DEFAULT_MIN_NEW_SAMPLES is schema.DEFAULT_MIN_NEW_SAMPLES
+    # the schema's defaults are the constants
+    assert _schema_defaults(schema.Rewards)["lambda"] == dict(defaults.DEFAULT_LAMBDAS)
+    assert _schema_defaults(schema.Drs) == {"enabled": False, "k0": defaults.DRS_K0, "k1": defaults.DRS_K1,
+                                            "tau": defaults.DRS_TAU}
+    for key, name in (("judge_weight", "JUDGE_WEIGHT"), ("clip_weight", "CLIP_WEIGHT")):
+        assert schema.Rewards.model_fields[key].default is getattr(defaults, name)
+    assert schema.Automation.model_fields["min_new_samples"].default is schema.DEFAULT_MIN_NEW_SAMPLES
+    grpo = schema.GrpoTrainer.model_fields
+    assert grpo["default_lambda"].default is defaults.DEFAULT_LAMBDA
+    assert (grpo["dar_gamma"].default, grpo["dar_w_min"].default, grpo["dar_w_max"].default) == (
+        losses.DYREF_DAR_GAMMA, losses.DYREF_DAR_W_MIN, losses.DYREF_DAR_W_MAX)
+    for backend in schema.JUDGE_BACKENDS:
+        assert schema._UNIONS["judge"][1][backend].model_fields["feedback_max_chars"].default \
+            is defaults.FEEDBACK_MAX_CHARS
+    # ... and so are the consumers'
     drs = _init_defaults(type("F", (), {"__init__": rewards.drs_clip_i}))
-    assert (drs["k0"], drs["k1"], drs["tau"]) == (schema.DRS_K0, schema.DRS_K1, schema.DRS_TAU)
+    assert (drs["k0"], drs["k1"], drs["tau"]) == (defaults.DRS_K0, defaults.DRS_K1, defaults.DRS_TAU)
+    weights = inspect.signature(rewards.aggregate_reward).parameters
+    assert (weights["judge_weight"].default, weights["clip_weight"].default) == (defaults.JUDGE_WEIGHT,
+                                                                                 defaults.CLIP_WEIGHT)
+    config = GRPOConfig()
+    assert config.lambdas == dict(defaults.DEFAULT_LAMBDAS) and config.lambdas is not GRPOConfig().lambdas
+    assert (config.drs_k0, config.drs_k1, config.drs_tau, config.default_lambda) == (
+        defaults.DRS_K0, defaults.DRS_K1, defaults.DRS_TAU, defaults.DEFAULT_LAMBDA)
+    assert (config.dar_gamma, config.dar_w_min, config.dar_w_max) == (losses.DYREF_DAR_GAMMA,
+                                                                     losses.DYREF_DAR_W_MIN, losses.DYREF_DAR_W_MAX)
+    with pytest.raises(TypeError):  # the shared λ table is read-only: consumers copy it
+        defaults.DEFAULT_LAMBDAS["t2i"] = 1.0
+
+
+def test_the_judge_protocol_feedback_length_is_the_default():
+    """labelers.judge.protocol still writes its own FEEDBACK_MAX_CHARS (that package is not this change's); keep it
+    equal to labelers.defaults' until it imports it from there."""
+    from labelers import defaults
+    from labelers.judge import FEEDBACK_MAX_CHARS
+
+    assert FEEDBACK_MAX_CHARS == defaults.FEEDBACK_MAX_CHARS
+
+
+def test_defaults_module_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, labelers.defaults, trainers.losses; "
+            "print(sorted(m for m in ('dagster', 'torch', 'numpy', 'pydantic', 'polars', 'pipelines') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ factories
+def _drs_profile(tmp_path, drs: str, name: str):
+    return load_profile(str(_profile(tmp_path, f"extends: tiny\nrewards: {{lambda: {{t2i: 0.0, edit: 0.4}}, "
+                                               f"drs: {drs}, judge_weight: 0.25}}\n", name)))
+
+
+@pytest.mark.parametrize("drs", ["{enabled: true, k0: 8, tau: 0.6}", "{enabled: false}"])
+def test_labeling_stage_factory_builds_what_the_asset_built_inline(tmp_path, drs):
+    from labelers.stage import LabelingStage
+    from pipelines.stages import drs_from_profile, labeling_stage_from_profile, rewards_section
+
+    settings = _drs_profile(tmp_path, drs, "drs_on" if "true" in drs else "drs_off")
+    rewards = settings["rewards"]
+    scorer = object()  # the stage only keeps it
+    inline = LabelingStage(  # what assets/labels.py and assets/evals.py did
+        judge=None, scorer=scorer, lambdas=rewards["lambda"],
+        drs=rewards.get("drs") if rewards.get("drs", {}).get("enabled") else None,
+        judge_weight=rewards.get("judge_weight", 0.5), clip_weight=rewards.get("clip_weight", 0.5))
+    for section in (settings, rewards, rewards_section(rewards)):  # the profile, its section, the typed section
+        stage = labeling_stage_from_profile(section, judge=None, scorer=scorer)
+        assert (stage.lambdas, stage.drs, stage.judge_weight, stage.clip_weight) == (
+            inline.lambdas, inline.drs, inline.judge_weight, inline.clip_weight)
+        assert stage.config_id() == inline.config_id()  # the label-set version is unchanged
+    assert stage.lambdas == {"t2i": 0.0, "edit": 0.4, "multi_ref": 0.5}  # a task not given: the default λ
+    assert drs_from_profile(rewards) == ({"k0": 8.0, "k1": schema.DRS_K1, "tau": 0.6} if "true" in drs else None)
+
+
+def test_grpo_reward_factory_gives_the_keys_the_asset_wrote_inline(tmp_path):
+    from pipelines.stages import grpo_rewards_from_profile
+
+    for drs, name in (("{enabled: true, k1: 2}", "g_on"), ("{enabled: false}", "g_off")):
+        rewards = _drs_profile(tmp_path, drs, name)["rewards"]
+        old = {"lambdas": rewards["lambda"], "use_drs": bool(rewards["drs"].get("enabled")),
+               "drs_k0": rewards["drs"].get("k0", 10.0), "drs_k1": rewards["drs"].get("k1", 3.0),
+               "drs_tau": rewards["drs"].get("tau", 0.65)}
+        new = grpo_rewards_from_profile(rewards)
+        assert new == old and list(new) == list(old)
+        assert all(type(new[k]) is type(old[k]) for k in old)  # same JSON, so the same GRPO run directory
+
+
+@pytest.mark.parametrize("pairs", ["{strategy: top_bottom_k, top_k: 2, tau: 0.2}", "{strategy: best_vs_worst}",
+                                   "{mode: pairwise, max_pairs_per_prompt: 3}"])
+def test_pair_selector_factory(tmp_path, pairs):
+    from labelers.pairs import select_pairs
+    from pipelines.stages import PairwiseSelector, PointwiseSelector, pair_selector_from_profile
+
+    settings = load_profile(str(_profile(tmp_path, f"extends: tiny\npairs: {pairs}\n", "pairs")))
+    section = dict(settings["pairs"])
+    mode = section.pop("mode", "pointwise")
+    selector = pair_selector_from_profile(settings)
+    assert selector.mode == mode and pair_selector_from_profile(settings["pairs"]) == selector
+    if mode == "pointwise":
+        assert isinstance(selector, PointwiseSelector)
+        assert selector.kwargs == section  # every key the schema filled in: select_pairs' arguments
+        assert set(selector.kwargs) <= set(inspect.signature(select_pairs).parameters)
+    else:
+        assert isinstance(selector, PairwiseSelector)
+        assert selector.settings == {"max_pairs_per_prompt": 3, "bt_prior": 0.1, "tie_policy": "drop"}
+
+
+def test_pointwise_selector_selects_pairs():
+    import polars as pl
+
+    from pipelines.stages import pair_selector_from_profile
+
+    labels = pl.DataFrame({"candidate_id": ["a", "b", "c"], "prompt_id": ["p"] * 3, "reward": [0.9, 0.1, 0.5],
+                           "status": ["ok"] * 3})
+    selector = pair_selector_from_profile({"mode": "pointwise", "strategy": "best_vs_worst"})
+    pairs, _ = selector(labels)
+    assert pairs.select("chosen_id", "rejected_id").rows() == [("a", "b")]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_endpoint", "proving", "verifier"])
+def test_judge_factory_builds_the_backend_with_the_profile_settings(tmp_path, name):
+    from pipelines.stages import judge_from_profile, judge_section
+
+    settings = load_profile(name if name != "verifier" else str(_profile(
+        tmp_path, "extends: tiny\njudge: {backend: verifier, batch_size: 16}\n", name)))
+    judge = judge_from_profile(settings, device="cpu", api_key="k")  # not set up: nothing is loaded
+    section = judge_section(settings)
+    assert type(judge).__name__ == {"transformers": "TransformersJudge", "openai": "OpenAIJudge",
+                                    "verifier": "VerifierJudge", "vllm": "VllmJudge"}[section.backend]
+    assert judge.batch_size == section.batch_size == settings["judge"]["batch_size"]
+    assert judge.max_retries == section.max_retries
+    if section.backend == "transformers":
+        assert (judge.device, judge.dtype, judge.cpu_threads) == ("cpu", settings["dtype"], settings["cpu_threads"])
+        assert judge.temperature == section.temperature
 
 
 def test_schema_imports_no_dagster():

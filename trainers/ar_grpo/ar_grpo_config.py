@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labelers.defaults import DEFAULT_LAMBDAS
 from trainers.config import LoRATrainingConfig
 
 
@@ -45,7 +46,7 @@ class ARGRPOConfig(LoRATrainingConfig):
     # reward: each named component is standardised over the step's samples, then weighted and summed; advantages
     # are group-relative (GRPO). Components: "clip_t", "preference", "loo_fid", or whatever a custom reward_fn returns.
     reward_weights: dict[str, float] = field(default_factory=_default_weights)
-    lambdas: dict[str, float] = field(default_factory=lambda: {"t2i": 0.0})  # λ-Harmonic for selection (t2i: CLIP_T)
+    lambdas: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))  # λ-Harmonic for selection (t2i: CLIP_T)
     # LOO-FID: each sample's leave-one-out effect on the CLIP-feature FID of the step's samples against reference
     # moments kept as an EMA. Reference: ``fid_reference_moments`` (a FeatureMoments safetensors file, e.g. the
     # labelling stage's) when given, else the moments of ``fid_warmup_batches`` batches of the *initial* policy's

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labelers.defaults import DEFAULT_LAMBDA, DEFAULT_LAMBDAS, DRS_K0, DRS_K1, DRS_TAU
 from trainers.config import LoRATrainingConfig
+from trainers.losses import DYREF_DAR_GAMMA, DYREF_DAR_W_MAX, DYREF_DAR_W_MIN
 
 
 def _default_lambdas() -> dict[str, float]:
     # λ of the λ-Harmonic reward per task: t2i has no references (λ unused: reward = CLIP_T).
-    return {"t2i": 0.0, "edit": 0.5, "multi_ref": 0.5}
+    return dict(DEFAULT_LAMBDAS)
 
 
 @dataclass
@@ -54,15 +56,15 @@ class GRPOConfig(LoRATrainingConfig):
     # labelers.verifier: the share of the prompt's facts the image satisfies; an upper bound on label quality)
     reward: str = "clip"
     lambdas: dict[str, float] = field(default_factory=_default_lambdas)
-    default_lambda: float = 0.5  # for tasks missing from ``lambdas``
+    default_lambda: float = DEFAULT_LAMBDA  # for tasks missing from ``lambdas``
     use_drs: bool = True  # DyRef DRS: sharpen per-reference sims σ(k(s-τ)), k = k0 + k1(n_refs-2)
-    drs_k0: float = 10.0
-    drs_k1: float = 3.0
-    drs_tau: float = 0.65  # DyRef's released code
+    drs_k0: float = DRS_K0  # DyRef's released code (labelers.defaults)
+    drs_k1: float = DRS_K1
+    drs_tau: float = DRS_TAU
     use_dar: bool = True  # DyRef DAR: per-group focal weight clip((1-p_g)^γ) renormalised to mean 1
-    dar_gamma: float = 2.0
-    dar_w_min: float = 0.5  # DyRef: weights clipped to [0.5, 5], easiness p clipped to [0, 1]
-    dar_w_max: float = 5.0
+    dar_gamma: float = DYREF_DAR_GAMMA  # DyRef's values (trainers.losses)
+    dar_w_min: float = DYREF_DAR_W_MIN  # DyRef: weights clipped to [0.5, 5], easiness p clipped to [0, 1]
+    dar_w_max: float = DYREF_DAR_W_MAX
     # model selection on held-out prompts (RPO): keep the adapter with the best mean λ-Harmonic
     heldout_every: int = 2
     heldout_prompts: int = 4
