@@ -4,6 +4,8 @@
 Pure numpy; scalars in give a float out, arrays broadcast elementwise. The fitter scales from a prompt's handful of
 candidates (dense Newton) to hundreds of thousands of items (matrix-free Newton with conjugate gradients); see
 :func:`fit_bradley_terry`.
+
+One module (over ~500 lines) on purpose: the probabilities and both fitters (dense and matrix-free Newton) are one model and share their checks.
 """
 
 from __future__ import annotations

@@ -21,10 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from labelers.hashing import content_id
-from labelers.judge.inputs import resolve_model_path
 from labelers.torch_compat import torch_threads
 
 _SCHEMES = ("local-dir:", "hf-hub:")
+
+
+def _resolve(ref: str) -> str:
+    from pipelines.zoo import resolve_model  # the one model-reference resolver (zoo:<name> -> its directory)
+
+    return resolve_model(ref)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class ClipScorer:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def open_clip_name(self) -> tuple[str, str | None]:
         """(model name for open_clip's factory, pretrained) for ``self.model_name``."""
-        name = resolve_model_path(self.model_name)
+        name = _resolve(self.model_name)
         if name.startswith(_SCHEMES):
             return name, None
         if Path(name).is_dir():
@@ -103,7 +108,7 @@ class ClipScorer:
         else:
             from transformers import AutoModel, AutoProcessor
 
-            path = resolve_model_path(self.model_name)
+            path = _resolve(self.model_name)
             model = AutoModel.from_pretrained(path, dtype=getattr(torch, self.dtype)).to(self.device)
             self._processor = AutoProcessor.from_pretrained(path)
         self.model = model.eval()

@@ -19,6 +19,8 @@ Small steps with one job each (datatrove style):
 Single-item filters are callables ``item -> (keep, reason)``; batch filters (near duplicates, NSFW) take a batch
 and return one ``(keep, reason)`` per item. numpy only at import; PIL, imagehash, torch and transformers load
 inside the functions that need them. Never imports Dagster.
+
+One module (over ~500 lines) on purpose: the filters share one drop-reason contract and the counting base; splitting them would scatter that contract.
 """
 
 from __future__ import annotations
@@ -490,9 +492,9 @@ class NsfwClassifier:
         torch_compat.install()
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from labelers.judge.inputs import resolve_model_path
+        from pipelines.zoo import resolve_model
 
-        path = resolve_model_path(self.model_name)
+        path = resolve_model(self.model_name)
         model = AutoModelForImageClassification.from_pretrained(path)
         id2label = {int(i): str(name) for i, name in model.config.id2label.items()}
         indices = sorted(i for i, name in id2label.items() if name.lower() in self.nsfw_labels)

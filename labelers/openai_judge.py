@@ -34,6 +34,8 @@ lives for one call (no key: no ``Authorization`` header, and ``OPENAI_API_KEY`` 
 echoes it is redacted too). Under Dagster, ``pipelines.resources.JudgeResource`` passes it in from the environment
 with ``dagster.EnvVar("PREFMILL_JUDGE_API_KEY")`` (Dagster then keeps it out of run config and the UI); profiles
 never contain it. This module does not import Dagster.
+
+One module (over ~500 lines) on purpose: the request building, the retry policy and the hostile-body decoding of one backend are read and changed together.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ Facts (:class:`Fact`, each with ``dimension``, ``passed`` and a ``message`` nami
 Scores: an alignment-like dimension is ``round(5 × passed / total)`` of its facts, at most 4 when one fails;
 ``visual_quality`` (and t2i's ``aesthetics``, which the verifier cannot judge otherwise) falls from 5 to 0 as the
 unexplained share of the image goes from 0 to :data:`UNEXPLAINED_ZERO`.
+
+One module (over ~500 lines) on purpose: the prompt grammar, the reader and the fact checks must stay in step, and one file keeps them from drifting apart.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def summary(root: Path) -> str:
 
     from labelers.rubrics import all_dimensions
     from pipelines.catalog import finished_partitions
-    from pipelines.corpora import latest_version, read_manifest
+    from pipelines.corpus_format import latest_version, read_manifest
     from pipelines.runs import finished_result, latest_run
 
     layout = Layout(root)

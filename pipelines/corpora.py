@@ -1,15 +1,6 @@
-"""Versioned, incrementally refreshed WebDataset corpora on any fsspec filesystem (DESIGN.md "Data contracts").
-
-A corpus root (a local directory or a URL such as ``s3://bucket/corpora/sft_corpus``) holds::
-
-    latest                          the committed version a reader should use (written last)
-    <version>/manifest.json         the commit of a version: shards (path, sha256, count, bytes, layout, partition),
-                                    layouts, per-partition segments, drops by reason, inputs, config
-    <version>/index.parquet         one row per sample: shard (path as in the manifest), key, partition, ...
-    <version>/README.md             the dataset card: ``datasets.load_dataset(<version dir>)`` loads the version in
-                                    one call (every shard, features declared; see :mod:`pipelines.dataset_card`)
-    <version>/shards/NNNNNN.tar     the shards this version wrote
-    <version>/segments/<p>.{parquet,json}   per-partition progress, so a crashed build resumes
+"""Versioned, incrementally refreshed WebDataset corpora on any fsspec filesystem (DESIGN.md "Data contracts"): the
+writer. The format it writes (paths, manifest, shard entries, segment records, ``latest``) is defined once in
+:mod:`pipelines.corpus_format`, which the readers (:mod:`trainers.data`, :mod:`pipelines.export`) use too.
 
 The version is a content hash of the input partitions' fingerprints and the config. Each input partition becomes
 one *segment*: its own shards, cut per layout (task + member names, see :func:`sample_layout`) at
@@ -29,6 +20,10 @@ fields, one type each, see :mod:`pipelines.dataset_card`; a source may declare t
 ``json_types(partition)`` method, which fills fields that were null in every sample). Samples whose JSON fields
 cannot share a type (a string in one, a number in another) fail the build: such a corpus would not load as one
 dataset.
+
+One module over ~500 lines: the store, the shard cutting, the build and its check are one commit protocol (the
+order in which :func:`build_corpus` writes through :class:`CorpusStore` is what makes a crash leave the previous
+version readable), kept in one place so that order can be read whole.
 """
 
 from __future__ import annotations
@@ -44,8 +39,31 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from labelers.hashing import content_id
-from pipelines.dataset_card import (
+from pipelines.corpus_format import (  # noqa: F401 - latest_version, version_url: the writer's callers read them here
     CARD,
+    INDEX,
+    LATEST,
+    MANIFEST,
+    SCHEMA_VERSION,
+    corpus_version,
+    latest_bytes,
+    json_bytes,
+    latest_version,
+    open_file,
+    parse_latest,
+    parse_manifest,
+    read_index,
+    read_manifest,
+    rebase,
+    rebase_segment,
+    segment_record,
+    segment_rel,
+    shard_entry,
+    shard_path,
+    shard_url,
+    version_url,
+)
+from pipelines.dataset_card import (
     card_text,
     fill_nulls,
     merge_member_types,
@@ -55,22 +73,10 @@ from pipelines.dataset_card import (
     write_dataset_card,
 )
 
-# 3: jpg_0 alternates through the whole preference corpus; 4: SFT samples carry src/ref images, pairs generator ids;
-# 5: JSON members typed the same in every task (segments and manifest record ``json_types``), README.md dataset card
-SCHEMA_VERSION = 5
-LATEST = "latest"
-MANIFEST = "manifest.json"
-INDEX = "index.parquet"
 TAR_BLOCK = 512
-SHARD_MTIME = 0  # fixed member times: the same samples give byte-identical shards (and sha256)
 
 Sample = dict[str, Any]
 IndexRow = dict[str, Any]
-
-
-def corpus_version(corpus: str, inputs: dict[str, str], config: dict[str, Any]) -> str:
-    """``inputs`` maps each input partition to the fingerprint of the files it contributed."""
-    return content_id("corpus", corpus, SCHEMA_VERSION, sorted(inputs.items()), config)[:16]
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,7 @@ class CorpusStore:
             handle.write(data)
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(rel, json_bytes(obj))
 
     def write_parquet(self, rel: str, df) -> None:
         with self.open_atomic(rel) as handle:
@@ -209,36 +215,21 @@ class CorpusStore:
             return pl.read_parquet(handle)
 
     def latest(self) -> str | None:
-        return self.read_bytes(LATEST).decode().strip() if self.exists(LATEST) else None
+        return parse_latest(self.read_bytes(LATEST), self.url_of(LATEST)) if self.exists(LATEST) else None
 
     def point_latest(self, version: str) -> None:
-        self.write_bytes(LATEST, (version + "\n").encode())
+        self.write_bytes(LATEST, latest_bytes(version))
 
     def manifest(self, version: str | None) -> dict[str, Any] | None:
-        if not version or not self.exists(f"{version}/{MANIFEST}"):
+        rel = f"{version}/{MANIFEST}"
+        if not version or not self.exists(rel):
             return None
-        return json.loads(self.read_bytes(f"{version}/{MANIFEST}"))
+        return parse_manifest(self.read_bytes(rel), self.url_of(rel))
 
 
 def _protocols(fs) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def latest_version(corpus_root: str | Path) -> str | None:
-    return CorpusStore(corpus_root).latest()
-
-
-def read_manifest(version_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a version directory (local path or URL)."""
-    import fsspec
-
-    with fsspec.open(f"{str(version_dir).rstrip('/')}/{MANIFEST}", "rb") as handle:
-        return json.loads(handle.read())
-
-
-def version_url(corpus_root: str | Path, version: str) -> str:
-    return f"{str(corpus_root).rstrip('/')}/{version}"
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -282,31 +273,13 @@ def _chunks(samples: Iterable[tuple[Sample, IndexRow]], limits: ShardLimits) -> 
         yield layout, pending[layout]
 
 
-def _shard_writer(handle):
-    """webdataset's ``TarWriter`` over a plain file, in tarfile's block mode (``"w"``; TarWriter picks the pipe
-    mode ``"w|"`` for file objects, whose buffer re-slicing copies every large member several times) with USTAR
-    headers (TarWriter does not pass its ``format`` on, and tarfile's PAX default costs an extra header block
-    per member), members copied in one piece. Same tar layout webdataset reads."""
-    import tarfile
-
-    import webdataset as wds
-
-    class ShardWriter(wds.TarWriter):
-        @staticmethod
-        def tarmode(fileobj, compress=None):
-            return "w"
-
-    writer = ShardWriter(handle, mtime=SHARD_MTIME)
-    writer.tarstream.format = tarfile.USTAR_FORMAT
-    writer.tarstream.copybufsize = 1 << 24  # copy a member in one piece, not in 16 KiB slices
-    return writer
-
-
 def _write_shard(store: CorpusStore, rel: str, samples: list[Sample]) -> Path:
     """Write one shard into a staging file (to be published by :meth:`CorpusStore.publish`)."""
+    from pipelines.io import shard_writer
+
     staged = store.staging_file(rel)
     try:
-        with open(staged, "wb") as handle, _shard_writer(handle) as sink:
+        with open(staged, "wb") as handle, shard_writer(handle) as sink:
             for sample in samples:
                 sink.write(sample)
     except BaseException:
@@ -400,13 +373,13 @@ def build_corpus(
     frames: list[Any] = []
     written, reused, resumed = [], [], []
     for partition in sorted(inputs):
-        record_rel = f"{version}/segments/{_segment_name(partition)}"
+        record_rel = segment_rel(version, partition)
         record = _read_json(store, record_rel + ".json")
         if partition in reusable:
-            segment = _rebase_segment(previous["segments"][partition], previous_version)
-            old_paths = [shard["path"] for shard in previous["segments"][partition]["shards"]]
+            segment = rebase_segment(previous["segments"][partition], previous_version)
+            old_paths = [shard_path(shard) for shard in previous["segments"][partition]["shards"]]
             rows = previous_index.filter(pl.col("shard").is_in(old_paths)).with_columns(
-                pl.col("shard").map_elements(lambda p: _rebase(p, previous_version), return_dtype=pl.String))
+                pl.col("shard").map_elements(lambda p: rebase(p, previous_version), return_dtype=pl.String))
             reused.append(partition)
             if record is not None:
                 # An interrupted attempt wrote this segment when `latest` could not lend it; now it is referenced
@@ -490,11 +463,11 @@ def _write_segment(store: CorpusStore, version: str, partition: str, fingerprint
             for sample, _ in chunk:
                 merge_member_types(json_types, sample_json_types(sample),
                                    f"partition {partition}, sample {sample.get('__key__')}: ")
-            path = f"shards/{seq:06d}.tar"
+            entry = shard_entry(seq, layout, partition, len(chunk))
+            path = entry["path"]
             staged = _write_shard(store, f"{version}/{path}", [sample for sample, _ in chunk])
             published.append(publisher.submit(store.publish, staged, f"{version}/{path}"))
-            shards.append({"path": path, "shard": f"{seq:06d}.tar", "seq": seq, "layout": layout,
-                           "partition": partition, "count": len(chunk)})
+            shards.append(entry)
             rows.extend({**row, "shard": path, "key": sample["__key__"], "partition": partition}
                         for sample, row in chunk)
             seq += 1
@@ -506,9 +479,7 @@ def _write_segment(store: CorpusStore, version: str, partition: str, fingerprint
     for member, hint in (declared or {}).items():
         if member in json_types:
             json_types[member] = fill_nulls(json_types[member], hint)
-    segment = {"partition": partition, "fingerprint": fingerprint, "shards": shards, "num_samples": len(rows),
-               "drops": dict(sorted(drops.items())), "json_types": json_types}
-    return segment, frame
+    return segment_record(partition, fingerprint, shards, len(rows), drops, json_types), frame
 
 
 def _version_json_types(store: CorpusStore, version: str, segments: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -541,36 +512,11 @@ def _reusable_prefix(previous: dict[str, Any] | None, inputs: dict[str, str], co
     return prefix
 
 
-def _rebase(path: str, previous_version: str) -> str:
-    """A shard path relative to the previous version's directory, made relative to a sibling version's."""
-    return posixpath.normpath(posixpath.join("..", previous_version, path))
-
-
-def _rebase_segment(segment: dict[str, Any], previous_version: str) -> dict[str, Any]:
-    shards = [{**shard, "path": _rebase(shard["path"], previous_version)} for shard in segment["shards"]]
-    return {**segment, "shards": shards}
-
-
-def _segment_name(partition: str) -> str:
-    from pipelines.paths import safe_key
-
-    return f"{safe_key(partition)}-{content_id(partition)[:8]}"
-
-
 def _read_json(store: CorpusStore, rel: str) -> dict[str, Any] | None:
     return json.loads(store.read_bytes(rel)) if store.exists(rel) else None
 
 
 # ------------------------------------------------------------------------------------------------ checking
-def shard_url(version_dir: str | Path, shard: dict[str, Any]) -> str:
-    base = str(version_dir).rstrip("/")
-    path = shard.get("path") or f"shards/{shard['shard']}"
-    if "://" in base:
-        protocol, rest = base.split("://", 1)
-        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, path))}"
-    return posixpath.normpath(posixpath.join(base, path))
-
-
 def _tar_keys(handle) -> list[str]:
     """Sample keys of a tar stream, grouped as webdataset groups members (key = name up to the first dot of the
     base name, consecutive members of one key form a sample)."""
@@ -602,31 +548,29 @@ class _HashingReader:
 def verify_corpus(version_dir: str | Path) -> list[str]:
     """Re-read every shard once: its sha256 and sample count must match the manifest, keys must be unique, and
     the index must name exactly the samples in the shards. Returns the problems (empty when intact)."""
-    import fsspec
-    import polars as pl
-
     manifest = read_manifest(version_dir)
     problems: list[str] = []
     keys: list[str] = []
     for shard in manifest["shards"]:
-        url = shard_url(version_dir, shard)
+        path = shard_path(shard)
         try:
-            with fsspec.open(url, "rb") as handle:
+            with open_file(shard_url(version_dir, shard)) as handle:
                 reader = _HashingReader(handle)
                 shard_keys = _tar_keys(reader)
                 while reader.read(1 << 20):  # hash the end-of-archive padding too
                     pass
         except FileNotFoundError:
-            problems.append(f"{shard['path']}: missing")
+            problems.append(f"{path}: missing")
             continue
         if reader.sha256.hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['path']}: sha256 differs from the manifest")
+            problems.append(f"{path}: sha256 differs from the manifest")
         if len(shard_keys) != shard["count"]:
-            problems.append(f"{shard['path']}: {len(shard_keys)} samples, manifest says {shard['count']}")
+            problems.append(f"{path}: {len(shard_keys)} samples, manifest says {shard['count']}")
         keys += shard_keys
-    with fsspec.open(f"{str(version_dir).rstrip('/')}/{INDEX}", "rb") as handle:
-        index = pl.read_parquet(handle)
-    if sorted(index["key"].to_list()) != sorted(keys):
+    index = read_index(version_dir)
+    if index is None:
+        problems.append(f"{INDEX}: missing")
+    elif sorted(index["key"].to_list()) != sorted(keys):
         problems.append(f"index.parquet lists {len(index)} samples, the shards hold {len(keys)}")
     if len(set(keys)) != len(keys):
         problems.append(f"{len(keys) - len(set(keys))} duplicate sample keys")

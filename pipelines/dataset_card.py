@@ -34,7 +34,8 @@ import re
 from collections import Counter
 from typing import Any
 
-CARD = "README.md"
+from pipelines.corpus_format import CARD, read_manifest, shard_path, shard_url
+
 SCALARS = ("null", "bool", "int64", "float64", "string")
 # the webdataset builder's decoders (datasets/packaged_modules/webdataset): what a member loads as
 TEXT_EXTENSIONS = ("txt", "text", "transcript")
@@ -250,7 +251,7 @@ def card_features(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def card_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
     """The YAML front matter: the shards as the ``train`` split of the default config, and its features."""
-    shards = [shard.get("path") or f"shards/{shard['shard']}" for shard in manifest.get("shards", [])]
+    shards = [shard_path(shard) for shard in manifest.get("shards", [])]
     corpus = manifest.get("corpus", "corpus")
     return {
         "pretty_name": f"prefmill {corpus} {manifest.get('version', '')}".strip(),
@@ -291,7 +292,7 @@ def card_text(manifest: dict[str, Any]) -> str:
     by_task: Counter = Counter()
     for shard in shards:
         by_task[(shard.get("layout") or "").partition(":")[0] or "any"] += int(shard.get("count", 0))
-    own = sum(1 for shard in shards if not str(shard.get("path", "")).startswith("../"))
+    own = sum(1 for shard in shards if not shard_path(shard).startswith("../"))
     members = members_by_task(manifest)
     features = {f["name"]: f for f in card_features(manifest)}
 
@@ -352,14 +353,11 @@ def scan_json_types(version_dir: str, manifest: dict[str, Any]) -> dict[str, Any
     import posixpath
     import tarfile
 
-    import fsspec
-
-    from pipelines.corpora import shard_url
+    from pipelines.corpus_format import open_file
 
     types: dict[str, Any] = {}
     for shard in manifest.get("shards", []):
-        with fsspec.open(shard_url(version_dir, shard), "rb") as handle, tarfile.open(fileobj=handle,
-                                                                                      mode="r|") as tar:
+        with open_file(shard_url(version_dir, shard)) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             for member in tar:
                 base = posixpath.basename(member.name)
                 if not member.isfile() or "." not in base:
@@ -367,7 +365,7 @@ def scan_json_types(version_dir: str, manifest: dict[str, Any]) -> dict[str, Any
                 name = base.split(".", 1)[1]
                 if json_member(name):
                     merge_member_types(types, {name: json_type(json.loads(tar.extractfile(member).read()))},
-                                       f"{shard.get('path')}: ")
+                                       f"{shard_path(shard)}: ")
     return types
 
 
@@ -375,7 +373,7 @@ def write_dataset_card(version_dir: str, *, overwrite: bool = False) -> bool:
     """Write ``README.md`` into an existing version directory (local or URL), for versions written before the
     writer made cards; JSON types come from the manifest, else from reading the shards. Returns whether it
     wrote one."""
-    from pipelines.corpora import CorpusStore, read_manifest
+    from pipelines.corpora import CorpusStore
 
     store = CorpusStore(version_dir)
     if store.exists(CARD) and not overwrite:

@@ -155,9 +155,9 @@ def _selected_index(version_dir: str, tasks: frozenset[str] | None, storage_opti
     without an index that says."""
     import polars as pl
 
-    from trainers.data import read_corpus_index
+    from pipelines.corpus_format import read_index
 
-    index = read_corpus_index(version_dir, storage_options=storage_options)
+    index = read_index(version_dir, storage_options=storage_options)
     if index is None:
         return None
     if "label_0" not in index.columns or not ({"prompt_id", "caption"} & set(index.columns)):
@@ -362,9 +362,8 @@ def export_pickapic(
     a usable index the shards are read twice. ``out_dir`` is replaced atomically; an existing ``out_dir`` that is
     not a previous export (no ``prefmill_export.json``) is refused, not deleted.
     """
+    from pipelines.corpus_format import corpus_version_dir, read_manifest
     from pipelines.io import atomic_dir
-    from trainers.data import corpus_version_dir, read_corpus_manifest
-
     from pipelines.prompts import TASKS
 
     if rows_per_file < 1:
@@ -378,7 +377,7 @@ def export_pickapic(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise FileExistsError(f"{out} exists and is not a previous export (no {MARKER}); not replacing it")
     version_dir = corpus_version_dir(corpus_dir, storage_options=storage_options)
-    manifest = read_corpus_manifest(version_dir, storage_options=storage_options) or {}
+    manifest = read_manifest(version_dir, storage_options=storage_options)
     if manifest.get("corpus") not in (None, "preference_corpus"):
         raise ValueError(f"{version_dir} is a {manifest['corpus']}, not a preference corpus")
     index = _selected_index(version_dir, selected, storage_options)

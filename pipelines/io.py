@@ -1,9 +1,20 @@
-"""Atomic file writes and WebDataset shard I/O (DESIGN.md: write to a temporary sibling, fsync, rename).
+"""Atomic file writes and WebDataset shard I/O (DESIGN.md: write to a temporary sibling, fsync, rename): the one
+set of helpers the pipelines, labelers and trainers write through.
+
+- Files: :func:`atomic_path` (yields the temp to write; fsync + rename on success), and on it
+  :func:`atomic_write_text`, :func:`write_json`, :func:`write_parquet`; directories: :func:`atomic_dir` (build in a
+  temp sibling) and :func:`replace_dir` (swap a finished directory in, the old one moved aside first).
+- Shards: :func:`shard_writer` is the one WebDataset tar writer (the corpus writer, :mod:`pipelines.corpora`, and
+  :func:`write_shard` for candidate shards); :func:`read_shard` reads one back.
 
 Temporary siblings name their owner: ``.<final name>.tmp-<pid>@<host>.<random>.tmp``. A process killed
 mid-write (SIGKILL, the OOM killer, a preempted node) leaves its temp behind; :func:`remove_stale_temps`, which
 every stage calls on its own folders when it starts, removes the ones whose owner is gone and never a live
-process's."""
+process's.
+
+Dagster-free and light at import (the standard library only; webdataset and PIL inside functions), so labelers
+and trainers import it without loading the Dagster code location.
+"""
 
 from __future__ import annotations
 
@@ -201,6 +212,13 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def atomic_write_text(final: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``final`` atomically."""
+    with atomic_path(Path(final)) as tmp:
+        tmp.write_text(text)
+    return Path(final)
+
+
 def write_parquet(df, final: Path) -> Path:
     """Write a polars DataFrame atomically."""
     with atomic_path(final) as tmp:
@@ -209,9 +227,7 @@ def write_parquet(df, final: Path) -> Path:
 
 
 def write_json(obj: Any, final: Path) -> Path:
-    with atomic_path(final) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    return final
+    return atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @contextlib.contextmanager
@@ -222,13 +238,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """fsync every file under the finished directory ``tmp`` and rename it to ``final``; an existing ``final`` is
+    first moved aside (``.<name>.old-<pid>@<host>``, a temp :func:`remove_stale_temps` knows) and deleted after,
+    so ``final`` is always either the old or the new directory."""
+    tmp, final = Path(tmp), Path(final)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{temp_owner()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def encode_image(image, fmt: str = "png", quality: int = 95) -> bytes:
@@ -331,27 +364,41 @@ def decode_image(data: bytes, max_pixels: int | None = None):
     raise ValueError(too_large)
 
 
-def write_shard(final: Path, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Write one WebDataset tar atomically with ``webdataset.TarWriter``; returns its sha256, count and bytes.
+SHARD_MTIME = 0  # fixed member times: the same samples give byte-identical shards (and sha256)
 
-    Each sample is a dict with ``__key__`` and extension -> bytes/str/dict (webdataset's encoders apply).
-    """
-    import hashlib
+
+def shard_writer(handle):
+    """The WebDataset shard writer: webdataset's ``TarWriter`` over a plain binary file, in tarfile's block mode
+    (``"w"``; TarWriter picks the pipe mode ``"w|"`` for file objects, whose buffer re-slicing copies every large
+    member several times) with USTAR headers (TarWriter does not pass its ``format`` on, and tarfile's PAX default
+    costs an extra header block per member), members copied in one piece, fixed member times. Same tar layout
+    webdataset reads. Each sample is a dict with ``__key__`` and extension -> bytes/str/dict (webdataset's
+    encoders apply)."""
+    import tarfile
 
     import webdataset as wds
 
+    class ShardWriter(wds.TarWriter):
+        @staticmethod
+        def tarmode(fileobj, compress=None):
+            return "w"
+
+    writer = ShardWriter(handle, mtime=SHARD_MTIME)
+    writer.tarstream.format = tarfile.USTAR_FORMAT
+    writer.tarstream.copybufsize = 1 << 24  # copy a member in one piece, not in 16 KiB slices
+    return writer
+
+
+def write_shard(final: Path, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Write one WebDataset tar atomically with :func:`shard_writer`; returns its sha256, count and bytes."""
     count = 0
     with atomic_path(final) as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
+        with open(tmp, "wb") as handle, shard_writer(handle) as sink:
             for sample in samples:
                 sink.write(sample)
                 count += 1
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        size = tmp.stat().st_size
-    return {"shard": final.name, "sha256": digest.hexdigest(), "count": count, "bytes": size}
+        digest, size = file_sha256(tmp), tmp.stat().st_size
+    return {"shard": final.name, "sha256": digest, "count": count, "bytes": size}
 
 
 def read_shard(path: Path) -> Iterator[dict[str, Any]]:

@@ -1,13 +1,11 @@
-"""Plumbing shared by the trainers: configs, pipelines + LoRA, latents, metrics (+ Dagster Pipes), checkpoints.
+"""Plumbing shared by the trainers: configs, pipelines, latents, metrics (+ Dagster Pipes), checkpoints.
 
-- Configs are dataclasses read from JSON or YAML (``--config FILE``); :func:`load_config` rejects unknown keys.
+- Configs are dataclasses read from JSON or YAML (``--config FILE``) by :mod:`trainers.config_io` (imported here);
+  unknown keys are rejected.
 - Pipelines load with ``StableDiffusionPipeline.from_pretrained`` from a directory (``zoo:<name>`` references are
   resolved through ``pipelines.zoo.resolve_model``; a hub id only downloads when the user names one).
-- LoRA: peft adapters on the UNet attention projections; saved in diffusers' LoRA format
-  (``pytorch_lora_weights.safetensors`` with the peft config as safetensors metadata), so
-  ``pipe.load_lora_weights(dir)`` loads it anywhere diffusers runs.
-- The frozen reference model is the same UNet with the trainable adapter switched off (:func:`reference_mode`):
-  the base UNet, or — when the run was initialised from an adapter — a frozen copy of that adapter.
+- LoRA adapters and the frozen reference model live in :mod:`trainers.lora` (imported here, so trainers reach
+  them as ``common.save_lora``, ``common.reference_mode``, ...).
 - :class:`MetricsLogger` writes ``metrics.jsonl`` (one line per step) and, when the process runs under Dagster
   Pipes, streams each line as a log message and reports the final asset materialization.
 - :class:`CheckpointManager`: ``<output_dir>/checkpoints/step-XXXXXXXX/`` = adapter + optimizer state
@@ -16,6 +14,9 @@
 
 Heavy libraries (torch, diffusers, peft, accelerate) are imported inside functions; only the trainer process
 imports them. Never imports dagster (``dagster_pipes`` is the separate lightweight package).
+
+One module of ~520 lines (configs and LoRA live apart): :func:`prepare_training` and :func:`finish_training` wire the
+pipeline, the metrics logger and the checkpoint manager together, so those stay beside the skeleton that uses them.
 """
 
 from __future__ import annotations
@@ -30,11 +31,31 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from labelers import torch_compat as _torch_compat
+from pipelines.io import atomic_write_text, remove_stale_temps, replace_dir
+from trainers.config_io import (  # noqa: F401 - reached as ``common.<name>`` by trainers and their __main__
+    RESUME_NEUTRAL_FIELDS,
+    cli_main,
+    coerce_config,
+    config_fingerprint,
+    config_from_dict,
+    config_to_dict,
+)
+from trainers.lora import (  # noqa: F401 - the LoRA helpers trainers reach as ``common.<name>``
+    LORA_WEIGHT_NAME,
+    TRAIN_ADAPTER,
+    load_lora_into,
+    load_module_into,
+    lora_parameters,
+    reference_mode,
+    save_lora,
+    save_module,
+    setup_lora,
+)
 
 # Also done by ``trainers/__init__``; repeated here because a stale editable install can resolve ``trainers`` as a
 # namespace package (``__init__`` not run) when the process does not start in the repo root.
@@ -42,106 +63,7 @@ _torch_compat.install()
 
 log = logging.getLogger("prefmill.trainers")
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-TRAIN_ADAPTER = "default"
-REFERENCE_ADAPTER = "reference"
 CHECKPOINTS_DIR = "checkpoints"
-
-C = TypeVar("C")
-
-
-# ============================================================================================ configs
-def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            import yaml
-
-            data = yaml.safe_load(text)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
-    return data
-
-
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build the dataclass ``cls`` from ``data``; unknown keys are an error (catches typos in config files)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**data)
-
-
-def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Read a JSON/YAML file into the dataclass ``cls`` (``overrides`` win over the file)."""
-    data = _read_mapping(path) if path else {}
-    data.update(overrides or {})
-    return config_from_dict(cls, data)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def coerce_config(cls: type[C], cfg: C | dict[str, Any] | str | os.PathLike) -> C:
-    """Accept a config instance, a dict, or a path to a JSON/YAML file."""
-    if isinstance(cfg, cls):
-        return cfg
-    if isinstance(cfg, dict):
-        return config_from_dict(cls, dict(cfg))
-    return load_config(cls, cfg)
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    key, raw = item.split("=", 1)
-    import yaml
-
-    return key.strip(), yaml.safe_load(raw)
-
-
-def cli_main(cls: type[C], train_fn, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``python -m trainers.<algo> --config FILE [--set key=value ...]``: parse, train, print ``result.json``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("--config", required=False, help="JSON or YAML file with the config fields")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field (YAML-parsed value); repeatable")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PREFMILL_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(cls, args.config, dict(_parse_override(o) for o in args.overrides))
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=2))
-        return 0
-    result = train_fn(cfg)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-RESUME_NEUTRAL_FIELDS = frozenset(
-    {"max_steps", "num_steps", "checkpoint_every", "keep_checkpoints", "output_dir", "resume", "heldout_every",
-     "device", "mixed_precision", "num_threads", "prefetch_factor"}
-)
-
-
-def config_fingerprint(cfg: Any, neutral: frozenset[str] = RESUME_NEUTRAL_FIELDS) -> tuple[str, dict[str, Any]]:
-    """Hash of the fields that must match for a resume (step counts and bookkeeping fields excluded)."""
-    data = {k: v for k, v in config_to_dict(cfg).items() if k not in neutral}
-    blob = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32], data
 
 
 # ============================================================================================ misc
@@ -164,28 +86,8 @@ def step_generator(seed: int, step: int, salt: int = 0, device: str = "cpu"):
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def resolve_model_path(ref: str) -> str:
-    """``zoo:<name>`` -> zoo directory; local paths and hub ids pass through."""
-    if isinstance(ref, str) and ref.startswith("zoo:"):
-        from pipelines.zoo import resolve_model
-
-        return resolve_model(ref)
-    return str(ref)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as indented JSON (tensors and numpy scalars as numbers), written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -208,7 +110,7 @@ def make_accelerator(mixed_precision: str = "no", device: str | None = None):
     return Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
 
 
-# ============================================================================================ pipelines + LoRA
+# ============================================================================================ pipelines
 def load_pipeline(model: str, device=None, dtype=None):
     """``StableDiffusionPipeline.from_pretrained(dir)`` with every component frozen and in eval mode."""
     import diffusers
@@ -219,7 +121,9 @@ def load_pipeline(model: str, device=None, dtype=None):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    path = resolve_model_path(model)
+    from pipelines.zoo import resolve_model
+
+    path = resolve_model(model)
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
@@ -233,230 +137,6 @@ def load_pipeline(model: str, device=None, dtype=None):
     if device is not None:
         pipe.to(device)
     return pipe
-
-
-def lora_config(rank: int, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGET_MODULES,
-                init: str | bool = "gaussian"):
-    from peft import LoraConfig
-
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
-                      target_modules=list(target_modules), init_lora_weights=init)
-
-
-def add_lora(unet, rank: int, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGET_MODULES,
-             adapter_name: str = TRAIN_ADAPTER, init: str | bool = "gaussian") -> None:
-    """Add a peft LoRA adapter to ``unet`` (``unet.add_adapter``); only its parameters stay trainable."""
-    import warnings
-
-    with warnings.catch_warnings():  # a second adapter (the frozen reference) is intended
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.add_adapter(lora_config(rank, alpha, target_modules, init), adapter_name=adapter_name)
-    unet.set_adapter(adapter_name)
-
-
-def lora_parameters(unet, adapter_name: str = TRAIN_ADAPTER) -> list:
-    """The trainable LoRA parameters of ``adapter_name``."""
-    params = [p for n, p in unet.named_parameters() if ".lora_" in n and f".{adapter_name}." in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def lora_state_dict_diffusers(unet, adapter_name: str = TRAIN_ADAPTER) -> dict:
-    """The adapter's weights in diffusers' key format (``...to_q.lora.down.weight``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(sd).items()}
-
-
-def save_lora(unet, out_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER,
-              modules: dict[str, Any] | None = None, family: Any = None) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically (built in a sibling dir, then renamed).
-
-    The peft ``LoraConfig`` goes into the safetensors metadata (diffusers' ``unet_lora_adapter_metadata``), so
-    ``load_lora_weights`` restores rank *and* alpha exactly. ``modules`` (name -> ``nn.Module``): extra trainable
-    modules saved beside it as ``<name>.safetensors`` (+ ``<name>.json``), see :func:`save_module`.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if family is not None:  # through the family's own pipeline class (transformer_lora_layers, ...)
-        family.save_lora(tmp, adapter_name)
-    else:
-        metadata = unet.peft_config[adapter_name].to_dict()
-        metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=lora_state_dict_diffusers(unet, adapter_name),
-            safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
-        )
-    for name, module in (modules or {}).items():
-        save_module(module, tmp, name)
-    _replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """fsync everything under ``tmp`` and rename it over ``final`` (the old one is moved aside, then deleted)."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def read_lora(adapter_dir: str | os.PathLike, family: Any = None) -> tuple[dict, dict | None]:
-    """``(unet state dict in peft keys, LoraConfig dict or None)`` from a diffusers-format LoRA directory/file
-    (``family``: read the family's denoiser keys, e.g. ``transformer.``, instead of the UNet's)."""
-    if family is not None:
-        return family.read_lora(adapter_dir)
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from safetensors import safe_open
-
-    path = Path(adapter_dir)
-    file = path if path.is_file() else path / LORA_WEIGHT_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {file}")
-    sd, _alphas = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name)
-    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-    if not unet_sd:
-        raise ValueError(f"{file} holds no UNet LoRA weights")
-    unet_sd = convert_unet_state_dict_to_peft(unet_sd)
-    config = None
-    with safe_open(str(file), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("lora_adapter_metadata")
-    if raw:
-        packed = json.loads(raw)
-        config = {k[len("unet."):]: v for k, v in packed.items() if k.startswith("unet.")} or None
-    return unet_sd, config
-
-
-def adapter_rank_alpha(adapter_dir: str | os.PathLike, family: Any = None) -> tuple[int, float, list[str] | None]:
-    """Rank, alpha and target modules of a saved adapter (alpha = rank when the file carries no metadata)."""
-    sd, cfg = read_lora(adapter_dir, family)
-    rank = next(v.shape[0] for k, v in sd.items() if "lora_A" in k)
-    if cfg:
-        targets = cfg.get("target_modules")
-        return int(cfg.get("r", rank)), float(cfg.get("lora_alpha", rank)), (list(targets) if targets else None)
-    return int(rank), float(rank), None
-
-
-def load_lora_into(unet, adapter_dir: str | os.PathLike, adapter_name: str = TRAIN_ADAPTER,
-                   family: Any = None) -> None:
-    """Copy a saved adapter's weights into the existing peft adapter ``adapter_name`` of ``unet`` (strict)."""
-    from peft.utils import set_peft_model_state_dict
-
-    sd, _ = read_lora(adapter_dir, family)
-    result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and f".{adapter_name}." in k]
-    if unexpected or missing:
-        raise ValueError(f"adapter {adapter_dir} does not match the UNet's LoRA layout: "
-                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), {len(missing)} missing "
-                         f"(e.g. {missing[:2]})")
-
-
-def save_module(module, directory: str | os.PathLike, name: str) -> Path:
-    """``directory/<name>.safetensors``: the module's ``state_dict`` (safetensors, never pickle), plus
-    ``directory/<name>.json`` with ``module.config_dict()`` when the module has one (what rebuilds it)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(directory / f"{name}.safetensors"), metadata={"format": "pt"})
-    config = getattr(module, "config_dict", None)
-    if callable(config):
-        write_json(directory / f"{name}.json", config())
-    return directory / f"{name}.safetensors"
-
-
-def load_module_into(module, directory: str | os.PathLike, name: str) -> None:
-    """Copy ``directory/<name>.safetensors`` into ``module`` (strict: same keys and shapes)."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no {name} weights at {path}")
-    module.load_state_dict(load_file(str(path)), strict=True)
-
-
-def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,
-               target_modules: Sequence[str] = LORA_TARGET_MODULES, family: Any = None) -> dict[str, Any]:
-    """Add the trainable adapter; with ``init_adapter`` its rank/alpha/targets and weights come from that adapter and
-    a frozen copy of it becomes the ``reference`` adapter (the reference model = the initial policy).
-
-    Returns a description ``{"rank", "alpha", "init_adapter", "reference"}`` for logs/results.
-    """
-    import torch
-
-    torch.manual_seed(seed)  # gaussian LoRA init is drawn from the global RNG
-    reference = "base"
-    if init_adapter:
-        r, a, targets = adapter_rank_alpha(init_adapter, family)
-        if (r, a) != (rank, alpha if alpha is not None else rank):
-            log.info("init adapter %s has rank %s alpha %s: using them (config asked rank %s)",
-                     init_adapter, r, a, rank)
-        rank, alpha = r, a
-        target_modules = targets or target_modules
-        add_lora(unet, rank, alpha, target_modules, adapter_name=REFERENCE_ADAPTER)
-        load_lora_into(unet, init_adapter, REFERENCE_ADAPTER, family)
-        add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
-        load_lora_into(unet, init_adapter, TRAIN_ADAPTER, family)
-        reference = "init_adapter"
-    else:
-        add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
-    unet.set_adapter(TRAIN_ADAPTER)
-    for n, p in unet.named_parameters():
-        p.requires_grad_(".lora_" in n and f".{TRAIN_ADAPTER}." in n)
-    return {"rank": int(rank), "alpha": float(alpha if alpha is not None else rank),
-            "init_adapter": init_adapter, "reference": reference}
-
-
-def has_reference_adapter(unet) -> bool:
-    return REFERENCE_ADAPTER in (getattr(unet, "peft_config", None) or {})
-
-
-@contextlib.contextmanager
-def reference_mode(unet) -> Iterator[None]:
-    """Run the frozen reference inside this block: the ``reference`` adapter when the run was initialised from an
-    adapter, else the base UNet (``disable_adapters()``). Restores the trainable adapter (and its
-    ``requires_grad``) on exit. Use under ``torch.no_grad()``."""
-    if has_reference_adapter(unet):
-        unet.set_adapter(REFERENCE_ADAPTER)
-        try:
-            yield
-        finally:
-            unet.set_adapter(TRAIN_ADAPTER)
-            _train_only(unet)
-    else:
-        unet.disable_adapters()
-        try:
-            yield
-        finally:
-            unet.enable_adapters()
-            _train_only(unet)
-
-
-def _train_only(unet) -> None:
-    for n, p in unet.named_parameters():
-        if ".lora_" in n:
-            p.requires_grad_(f".{TRAIN_ADAPTER}." in n)
 
 
 # ============================================================================================ encoding
@@ -669,7 +349,7 @@ class CheckpointManager:
         state = {"step": int(step), "config_fingerprint": fingerprint, "config": config_to_dict(config),
                  "extra": extra or {}, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(tmp / "trainer_state.json", state)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for old_step, old_dir in self.all()[: -self.keep] if self.keep > 0 else []:
             if old_step != step:
                 shutil.rmtree(old_dir, ignore_errors=True)
@@ -700,12 +380,11 @@ class CheckpointManager:
 
 def remove_stale_training_temps(output_dir: str | os.PathLike, started_at: float | None = None) -> list[Path]:
     """Remove what a killed trainer left in ``output_dir`` and its ``checkpoints/``: half-built checkpoints
-    (``.step-XXXXXXXX.tmp-<pid>``), adapters (``.adapter.tmp-<pid>``), moved-aside old copies (``.old-<pid>``)
-    and file temps (``.config.json.tmp-<pid>``) — only those whose process is gone and that have not changed since
+    (``.step-XXXXXXXX.tmp-<pid>``), adapters (``.adapter.tmp-<pid>``), moved-aside old copies
+    (``.old-<pid>@<host>``) and file temps (``.config.json.tmp-<pid>@<host>.*.tmp``, :func:`pipelines.io.atomic_path`)
+    — only those whose process is gone and that have not changed since
     ``started_at`` (default: now), so a live trainer's temps are never touched
     (:func:`pipelines.io.remove_stale_temps`)."""
-    from pipelines.io import remove_stale_temps
-
     out = Path(output_dir)
     return remove_stale_temps(out, started_at) + remove_stale_temps(out / CHECKPOINTS_DIR, started_at)
 
@@ -816,6 +495,8 @@ def apply_lr(optimizer, cfg: Any, step: int) -> float:
 def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, Any],
                     extra_result: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save ``adapter/``, write ``result.json``, report to Pipes; returns the result dict."""
+    from pipelines.zoo import resolve_model
+
     setup.accelerator.wait_for_everyone()
     result: dict[str, Any] = {}
     if setup.accelerator.is_main_process:
@@ -832,7 +513,7 @@ def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, An
             "lora": setup.lora,
             "family": setup.family.name if setup.family is not None else None,
             "pipeline_class": setup.family.pipeline_class if setup.family is not None else None,
-            "pretrained_model_path": resolve_model_path(setup.config.pretrained_model),
+            "pretrained_model_path": str(resolve_model(setup.config.pretrained_model)),
             "resumed_from_step": int(setup.start_step),
             "config": config_to_dict(setup.config),
         }

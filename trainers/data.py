@@ -1,12 +1,10 @@
 """Readers for the corpora the trainers consume (DESIGN.md "Data contracts"), and batch collation.
 
 A corpus version directory (a local path or an fsspec URL such as ``s3://bucket/corpora/preference_corpus/<v>``)
-holds ``manifest.json``, ``index.parquet`` (one row per sample) and WebDataset shards. The manifest's
-``shards[*].path`` is relative to the version directory and may point into an older version's directory
-(``../<older>/shards/000002.tar``: a refresh that adds partitions writes only new shards), so shard paths are
-resolved against the version directory with posix normalisation, for URLs too. Without a manifest that names its
-shards, the shard list comes from ``index.parquet``'s ``shard`` column, else from ``shards/*.tar``. The corpus
-root next to the versions holds ``latest``, a text file naming the current version.
+is read as :mod:`pipelines.corpus_format` defines it (the one definition the writer uses too): the shards are the
+manifest's, in its order, resolved against the version directory (a refreshed version references shards in an
+older one, ``../<older>/shards/000002.tar``); a directory without ``manifest.json`` is not a committed version
+and is refused. :func:`corpus_version_dir` turns a corpus root into the version its ``latest`` names.
 
 - SFT sample: ``jpg`` (image bytes), ``txt`` (caption), ``json`` (rewards and feedback).
 - Preference sample (Pick-a-Pic layout): ``jpg_0.jpg``, ``jpg_1.jpg``, ``caption.txt``, ``label_0.txt``,
@@ -29,11 +27,13 @@ Both open shards through the same stage: local files with ``open``, URLs through
 ``gs://``, ...), so a corpus on object storage reads like a local one.
 
 webdataset, fsspec, polars, PIL and torch are imported inside functions.
+
+One module over ~500 lines: the generator readers and the DataLoader pipeline are two front ends over the same
+shard stages and sample decoding, and both hand their samples to the collate functions kept beside them.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -45,55 +45,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipelines.corpus_format import (  # noqa: F401 - corpus_version_dir: the readers' entry point
+    INDEX,
+    MANIFEST,
+    corpus_version_dir,
+    is_url,
+    join,
+    location,
+    open_file,
+    read_bytes,
+    read_manifest,
+    shard_url,
+)
+
 SHUFFLE_BUFFER = 256
-LATEST = "latest"
 KINDS = ("preference", "sft", "raw")
 
 
 # --------------------------------------------------------------------------------------------- corpus layout
-def _is_url(path: Any) -> bool:
-    """``scheme://...`` (fsspec, possibly chained as ``simplecache::s3://...``); anything else is a local path."""
-    return isinstance(path, str) and "://" in path
-
-
-def _join(base: str, rel: str) -> str:
-    """``rel`` resolved against the directory ``base`` with posix normalisation (``..`` collapsed).
-
-    Local paths become absolute; URLs keep their scheme prefix, so ``s3://b/c/v2`` + ``../v1/shards/x.tar`` is
-    ``s3://b/c/v1/shards/x.tar``. A ``rel`` that is itself a URL or an absolute path is returned as is."""
-    if _is_url(rel) or rel.startswith("/"):
-        return rel
-    if not _is_url(base):
-        return os.path.normpath(os.path.join(os.path.abspath(base), rel))
-    prefix, _, rest = base.partition("://")
-    joined = posixpath.normpath(posixpath.join(rest, rel))
-    if joined == ".." or joined.startswith("../"):
-        raise ValueError(f"{rel!r} points above the root of {base!r}")
-    return f"{prefix}://{joined}"
-
-
-def _as_location(path: str | os.PathLike) -> str:
-    return path if _is_url(path) else os.fspath(path)
-
-
-def _open(path: str, storage_options: dict | None = None):
-    """A readable binary file object for a local path or an fsspec URL (the caller closes it)."""
-    if _is_url(path):
-        import fsspec
-
-        return fsspec.open(path, "rb", **(storage_options or {})).open()
-    return open(path, "rb")
-
-
-def _read_bytes(path: str, storage_options: dict | None = None) -> bytes | None:
-    """The file's bytes, or None when it does not exist."""
-    try:
-        with _open(path, storage_options) as handle:
-            return handle.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-
-
 def _existing_urls(urls: list[str], storage_options: dict | None) -> set[str]:
     """The subset of ``urls`` that exist, with one listing per parent directory rather than one request per file
     (a corpus on S3 can have thousands of shards in a few directories)."""
@@ -114,144 +83,37 @@ def _existing_urls(urls: list[str], storage_options: dict | None) -> set[str]:
     return found
 
 
-def read_corpus_manifest(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> dict | None:
-    """``manifest.json`` of a corpus version (local or URL), or None when there is none or it is not JSON."""
-    data = _read_bytes(_join(_as_location(corpus_dir), "manifest.json"), storage_options)
-    if data is None:
-        return None
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def read_corpus_index(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None):
-    """``index.parquet`` of a corpus version (local or URL) as a polars DataFrame, or None when there is none."""
-    data = _read_bytes(_join(_as_location(corpus_dir), "index.parquet"), storage_options)
-    if data is None:
-        return None
-    import polars as pl
-
-    return pl.read_parquet(io.BytesIO(data))
-
-
-def corpus_version_dir(path: str | os.PathLike, *, storage_options: dict | None = None) -> str:
-    """``path`` itself when it is a version directory (it has ``manifest.json``), else the version its ``latest``
-    pointer names (``path`` is a corpus root). Lets commands accept either."""
-    location = _as_location(path)
-    if _read_bytes(_join(location, "manifest.json"), storage_options) is not None:
-        return location
-    pointer = _read_bytes(_join(location, LATEST), storage_options)
-    if pointer is None:
-        raise FileNotFoundError(f"{location} is neither a corpus version (no manifest.json) nor a corpus root "
-                                f"(no {LATEST} pointer)")
-    version = pointer.decode("utf-8").strip()
-    if not version or "/" in version or version in (".", ".."):
-        raise ValueError(f"{_join(location, LATEST)} names no valid version: {version!r}")
-    return _join(location, version)
-
-
-def _shard_names_from_manifest(manifest: Any) -> list[str]:
-    """Shard file names from whatever shape the manifest's ``shards`` entry has (list of str/dicts, or a dict)."""
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    names: list[str] = []
-    if isinstance(shards, dict):
-        names = [str(k) for k in shards]
-    elif isinstance(shards, list):
-        for item in shards:
-            if isinstance(item, str):
-                names.append(item)
-            elif isinstance(item, dict):
-                for key in ("path", "name", "file", "shard", "url"):
-                    if isinstance(item.get(key), str):
-                        names.append(item[key])
-                        break
-    return names
-
-
-def _candidates(root: str, name: str) -> list[str]:
-    """Where a shard named in a manifest or index may be: relative to the version dir (``shards/x.tar`` or
-    ``../<older>/shards/x.tar``), or under ``shards/`` (old manifests named only the file)."""
-    if _is_url(name) or name.startswith("/"):
-        return [name]
-    cands = [_join(root, name), _join(root, posixpath.join("shards", name)),
-             _join(root, posixpath.join("shards", posixpath.basename(name)))]
-    return list(dict.fromkeys(cands))
-
-
-def _index_shard_names(root: str, storage_options: dict | None) -> list[str]:
-    data = _read_bytes(_join(root, "index.parquet"), storage_options)
-    if data is None:
-        return []
-    import pyarrow.parquet as pq
-
-    index = pq.ParquetFile(io.BytesIO(data))
-    if "shard" not in index.schema_arrow.names:
-        return []
-    shards = index.read(columns=["shard"]).column("shard").to_pylist()
-    return list(dict.fromkeys(str(n) for n in shards))  # first-seen order
-
-
 def corpus_shards(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> list[str]:
-    """The corpus' shard tars, in manifest order, else in ``index.parquet``'s ``shard`` order, else sorted
-    ``shards/*.tar``: absolute local paths, or URLs when ``corpus_dir`` is a URL.
+    """The version's shard tars in manifest order: absolute local paths, or URLs when ``corpus_dir`` is a URL.
 
-    A shard the manifest names but that is missing raises ``FileNotFoundError`` here, before any training starts.
-    """
-    root = _as_location(corpus_dir)
-    return _resolve_shards(root, read_corpus_manifest(root, storage_options=storage_options), storage_options)
+    A version without ``manifest.json`` (not committed), a manifest naming no shard, or a shard the manifest names
+    that is missing raises ``FileNotFoundError`` here, before any training starts."""
+    root = location(corpus_dir)
+    return _resolve_shards(root, read_manifest(root, storage_options=storage_options), storage_options)
 
 
-def _resolve_shards(root: str, manifest: dict | None, storage_options: dict | None) -> list[str]:
-    url = _is_url(root)
-    names = _shard_names_from_manifest(manifest)
-    exists: Any
-    if url:
-        every = [c for name in names for c in _candidates(root, name)]
-        present = _existing_urls(every, storage_options) if every else set()
-        exists = present.__contains__
-    else:
-        exists = os.path.isfile
-    paths: list[str] = []
-    for name in names:
-        found = next((c for c in _candidates(root, name) if exists(c)), None)
-        if found is None:
-            raise FileNotFoundError(f"{_join(root, 'manifest.json')} lists shard {name!r}, which is missing")
-        paths.append(found)
-    if not paths:
-        names = _index_shard_names(root, storage_options)
-        if url and names:
-            present = _existing_urls([c for name in names for c in _candidates(root, name)], storage_options)
-            exists = present.__contains__
-        for name in names:
-            found = next((c for c in _candidates(root, name) if exists(c)), None)
-            if found is not None:
-                paths.append(found)
-    if not paths:
-        if url:
-            import fsspec
-
-            fs, stripped = fsspec.core.url_to_fs(_join(root, "shards"), **(storage_options or {}))
-            paths = sorted(fs.unstrip_protocol(p) for p in fs.glob(posixpath.join(stripped, "*.tar")))
-        else:
-            paths = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
-    if not paths:
-        raise FileNotFoundError(f"no shards in {root} (expected shards/*.tar or a manifest listing them)")
-    return paths if url else [str(Path(p).resolve()) for p in paths]
+def _resolve_shards(root: str, manifest: dict[str, Any], storage_options: dict | None) -> list[str]:
+    urls = [shard_url(root, shard) for shard in manifest["shards"]]
+    if not urls:
+        raise FileNotFoundError(f"no shards in {root}: its {MANIFEST} lists none")
+    exists = _existing_urls(urls, storage_options).__contains__ if is_url(root) else os.path.isfile
+    missing = next((url for url in urls if not exists(url)), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{join(root, MANIFEST)} lists shard {missing!r}, which is missing")
+    return urls
 
 
 def corpus_size(corpus_dir: str | os.PathLike, *, storage_options: dict | None = None) -> int | None:
     """Number of samples from ``index.parquet`` (None when there is no index)."""
-    root = _as_location(corpus_dir)
-    if not _is_url(root):
-        index = Path(root) / "index.parquet"
+    root = location(corpus_dir)
+    if not is_url(root):
+        index = Path(root) / INDEX
         if not index.is_file():
             return None
         import polars as pl
 
         return int(pl.scan_parquet(index).select(pl.len()).collect().item())
-    data = _read_bytes(_join(root, "index.parquet"), storage_options)
+    data = read_bytes(join(root, INDEX), storage_options)
     if data is None:
         return None
     import pyarrow.parquet as pq
@@ -268,10 +130,10 @@ def _open_shards(src: Iterable[dict[str, Any]], storage_options: dict | None = N
     closed once the tar expander has moved on to the next shard (or the stream is abandoned)."""
     for item in src:
         url = item["url"]
-        handle = _open(url, storage_options)
+        handle = open_file(url, storage_options)
         try:
             out = {**item, "stream": handle}
-            if not _is_url(url):
+            if not is_url(url):
                 out["local_path"] = url
             yield out
         finally:
@@ -646,8 +508,8 @@ def corpus_dataset(
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
-    root = _as_location(corpus_dir)
-    manifest = read_corpus_manifest(root, storage_options=storage_options)
+    root = location(corpus_dir)
+    manifest = read_manifest(root, storage_options=storage_options)
     urls = _resolve_shards(root, manifest, storage_options)
     rank, world_size = node_rank_world(rank, world_size)
     if not resampled and len(urls) < world_size:
@@ -663,7 +525,7 @@ def corpus_dataset(
     if kind != "raw":
         ds.append(wds.map(partial(_decode_sample, kind=kind, decode=decode, drop_ties=drop_ties)))
     ds.shards = urls
-    ds.num_samples = manifest.get("num_samples") if isinstance(manifest, dict) else None
+    ds.num_samples = manifest.get("num_samples")
     ds.rank, ds.world_size = rank, world_size
     ds.set_epoch = source.set_epoch
     return ds

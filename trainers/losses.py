@@ -6,6 +6,8 @@ so that importing this module stays cheap.
 
 Notation: ``B`` is the batch, ``x`` a latent of shape ``(B, C, H, W)`` (any trailing shape works), ``ᾱ_t`` the
 scheduler's ``alphas_cumprod[t]``.
+
+One module (over ~500 lines) on purpose: the design keeps every pure loss in one place, so each trainer imports formulas, never another trainer.
 """
 
 from __future__ import annotations

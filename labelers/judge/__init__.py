@@ -18,7 +18,7 @@ chats under an arbitrary JSON schema (the pairwise judge, :mod:`labelers.pairwis
 that import from ``labelers.judge``.
 """
 
-from labelers.judge.inputs import load_conditioning, load_image, prepare_item, resolve_model_path
+from labelers.judge.inputs import load_conditioning, load_image, prepare_item
 from labelers.judge.protocol import (
     FEEDBACK_MAX_CHARS,
     SCORE_TYPE,

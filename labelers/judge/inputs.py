@@ -78,12 +78,3 @@ def prepare_item(item: JudgeItem) -> tuple[JudgeItem | None, str | None]:
         None,
     )
 
-
-def resolve_model_path(ref: str) -> str:
-    """``zoo:<name>`` -> the built zoo directory (``pipelines.zoo.resolve_model``, imported only then);
-    anything else (a local directory, a hub id) unchanged."""
-    if isinstance(ref, str) and ref.startswith("zoo:"):
-        from pipelines.zoo import resolve_model
-
-        return resolve_model(ref)
-    return ref

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from labelers.judge.inputs import resolve_model_path
 from labelers.judge.protocol import FEEDBACK_MAX_CHARS, judgement_schema, message_images, schema_key
 from labelers.judge.retry import JudgeBase, chunks
 from labelers.judge.speedups import PrefixCache, use_cpu_gqa_attention
@@ -156,7 +155,9 @@ class TransformersJudge(JudgeBase):
         import xgrammar as xgr
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        path = resolve_model_path(self.model_path)
+        from pipelines.zoo import resolve_model  # the one model-reference resolver
+
+        path = resolve_model(self.model_path)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
         kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype)}

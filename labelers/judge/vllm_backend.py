@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from labelers.judge.inputs import resolve_model_path
 from labelers.judge.protocol import FEEDBACK_MAX_CHARS, JudgeItem, build_messages, message_images
 from labelers.judge.retry import JudgeBase
 from labelers.rubrics import Rubric
@@ -123,7 +122,9 @@ class VllmJudge(JudgeBase):
         import vllm
         from transformers import AutoProcessor
 
-        self.model_path = resolve_model_path(self.model_path)
+        from pipelines.zoo import resolve_model  # the one model-reference resolver
+
+        self.model_path = resolve_model(self.model_path)
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.llm = vllm.LLM(**self.engine_args())
         return self

@@ -43,6 +43,9 @@ Traps of the real pipelines that these tiny models make visible (see the tests):
 Sizes: each transformer is ~80-95 k parameters, the SDXL UNet ~1 M, each VAE ~0.5-0.7 M; the CLIP text encoders are
 dominated by their 49408 x 16 token embedding (0.79 M parameters each). On disk: sdxl ~20 MB, sd3 ~18 MB, flux and
 flux_kontext ~10 MB, qwen_image(_edit) ~4 MB (a CLIP ``tokenizer.json`` alone is 3.6 MB).
+
+One module over ~500 lines: the six builders share the tokenizers, text encoders and VAE built here, and each
+builder is a short recipe over them; split per family they would import each other's parts.
 """
 
 from __future__ import annotations

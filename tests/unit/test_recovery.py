@@ -402,7 +402,8 @@ def test_a_segment_the_killed_attempt_wrote_but_latest_now_lends_is_referenced_a
     """The killed attempt at version V wrote b itself (latest held only a); meanwhile another build made b part
     of latest. The rerun of V references b from latest, writes c into V's shard numbers b had used, and drops b's
     record, so a later resume of V can never take b's overwritten shards for its own."""
-    from pipelines.corpora import ShardLimits, _segment_name, build_corpus, verify_corpus
+    from pipelines.corpora import ShardLimits, build_corpus, verify_corpus
+    from pipelines.corpus_format import segment_name as _segment_name
 
     class Failing(ListSource):
         def samples(self, partition, drops):

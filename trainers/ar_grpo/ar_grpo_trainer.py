@@ -55,12 +55,12 @@ class InstanceReward:
     def setup(self) -> InstanceReward:
         from labelers.clip_scorer import ClipScorer
 
-        from trainers.common import resolve_model_path
+        from pipelines.zoo import resolve_model
 
-        self.clip = ClipScorer(resolve_model_path(self.cfg.clip_model), backend=self.cfg.clip_backend,
+        self.clip = ClipScorer(resolve_model(self.cfg.clip_model), backend=self.cfg.clip_backend,
                                device=self.device, batch_size=self.cfg.clip_batch_size).setup()
         if self.cfg.preference_model:
-            self.preference = ClipScorer(resolve_model_path(self.cfg.preference_model),
+            self.preference = ClipScorer(resolve_model(self.cfg.preference_model),
                                          backend=self.cfg.preference_backend, device=self.device,
                                          batch_size=self.cfg.clip_batch_size).setup()
         return self
@@ -126,6 +126,7 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
     import torch
 
     from labelers.diversity import FeatureMoments, frechet_distance, loo_fid_diversity
+    from pipelines.zoo import resolve_model
     from trainers import common
     from trainers.data import load_prompt_pool
     from trainers.families import AR_FAMILIES, load_family
@@ -160,7 +161,7 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
     common.set_seed(cfg.seed)
     acc = common.make_accelerator(cfg.mixed_precision, cfg.device)
     device = acc.device
-    family = load_family(common.resolve_model_path(cfg.pretrained_model))
+    family = load_family(resolve_model(cfg.pretrained_model))
     if family.name not in AR_FAMILIES:
         raise ValueError(f"{cfg.pretrained_model}: family {family.name!r} is not autoregressive; "
                          "diffusion checkpoints train with trainers.grpo")
@@ -397,7 +398,7 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
             "lora": {**lora, "family": family.name, "pipeline_class": family.pipeline_class},
             "family": family.name,
             "pipeline_class": family.pipeline_class,
-            "pretrained_model_path": common.resolve_model_path(cfg.pretrained_model),
+            "pretrained_model_path": resolve_model(cfg.pretrained_model),
             "resumed_from_step": int(start_step),
             "initial_entropy": extra.get("initial_entropy"),
             "target_entropy": target_entropy,

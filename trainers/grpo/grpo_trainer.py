@@ -81,9 +81,9 @@ class ClipReward:
     def setup(self) -> ClipReward:
         from labelers.clip_scorer import ClipScorer
 
-        from trainers.common import resolve_model_path
+        from pipelines.zoo import resolve_model
 
-        self.scorer = ClipScorer(resolve_model_path(self.cfg.clip_model), backend=self.cfg.clip_backend,
+        self.scorer = ClipScorer(resolve_model(self.cfg.clip_model), backend=self.cfg.clip_backend,
                                  device=self.device, batch_size=self.cfg.clip_batch_size).setup()
         return self
 

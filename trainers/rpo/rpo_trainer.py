@@ -142,6 +142,7 @@ def train(config: RPOConfig | dict | str) -> dict[str, Any]:
 
     from labelers.clip_scorer import ClipScorer
     from labelers.rewards import lambda_harmonic
+    from pipelines.zoo import resolve_model
     from trainers import common
     from trainers.losses import per_sample_mse
 
@@ -165,7 +166,7 @@ def train(config: RPOConfig | dict | str) -> dict[str, Any]:
     ref_pixels = torch.stack([
         torch.from_numpy(np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.float32).copy())
         .permute(2, 0, 1) / 127.5 - 1.0 for im in references])
-    scorer = ClipScorer(common.resolve_model_path(cfg.clip_model), backend=cfg.clip_backend, device=str(device),
+    scorer = ClipScorer(resolve_model(cfg.clip_model), backend=cfg.clip_backend, device=str(device),
                         batch_size=cfg.clip_batch_size).setup()
 
     def generate(texts: list[str], seeds: list[int]) -> tuple[Any, list]:
