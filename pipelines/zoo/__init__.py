@@ -103,26 +103,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _build_one(name: str, root: Path) -> Path:
     """Build ``name`` into a temporary sibling and rename it into place. Caller holds the lock."""
     target = root / name
@@ -147,15 +127,9 @@ def _build_one(name: str, root: Path) -> Path:
         if isinstance(info, dict):  # what a trained component's builder reports (its eval numbers)
             marker["build"] = info
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if target.exists():  # outdated or forced: move aside, then swap in
-            old = root / f".{name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(root)
+        from pipelines.io import replace_dir  # fsync, move an outdated one aside, swap in (one helper)
+
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

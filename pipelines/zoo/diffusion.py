@@ -125,19 +125,10 @@ def _vae():
     import torch
     from diffusers import AutoencoderKL
 
+    from pipelines.zoo.families import vae_config
+
     torch.manual_seed(SEED + 2)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
-        block_out_channels=VAE_BLOCKS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=0.18215,
-    ).eval()
+    return AutoencoderKL(**vae_config(latent_channels=4, scaling_factor=0.18215)).eval()
 
 
 def _unet(in_channels: int):

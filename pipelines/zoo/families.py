@@ -293,7 +293,14 @@ def _autoencoder_kl(component: str, offset: int, latent_channels: int, scaling_f
     from diffusers import AutoencoderKL
 
     _seed(component, offset)
-    return AutoencoderKL(
+    return AutoencoderKL(**vae_config(latent_channels, scaling_factor, shift_factor, quant_convs,
+                                      force_upcast)).eval()
+
+
+def vae_config(latent_channels: int, scaling_factor: float, shift_factor: float | None = None,
+               quant_convs: bool = True, force_upcast: bool = True) -> dict:
+    """The zoo's tiny ``AutoencoderKL`` arguments (2 blocks: ``vae_scale_factor`` 2), shared by every family."""
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
@@ -308,7 +315,7 @@ def _autoencoder_kl(component: str, offset: int, latent_channels: int, scaling_f
         use_quant_conv=quant_convs,
         use_post_quant_conv=quant_convs,
         force_upcast=force_upcast,
-    ).eval()
+    )
 
 
 def _qwen_vae(component: str, offset: int):
