@@ -493,6 +493,8 @@ def train_world_generator(
     cond_dropout: float = 0.1,
     train_text: bool = True,
     object_loss_weight: float = 4.0,
+    ema_decay: float | None = 0.999,
+    lr_decay: bool = True,
     text_tokens: int | None = 48,
     max_objects: int = GEN_MAX_OBJECTS,
     plain: bool = False,
@@ -529,10 +531,15 @@ def train_world_generator(
             family = load_family(str(tmp))
             pipe = family.pipe
             torch.manual_seed(seed)
-            if init_from:  # continue a saved run's transformer (its optimizer state is not kept)
+            if init_from:  # continue a saved run (its optimizer state is not kept): transformer + text encoders
                 from diffusers import FluxTransformer2DModel
+                from transformers import CLIPTextModel, T5EncoderModel
 
                 pipe.transformer = FluxTransformer2DModel.from_pretrained(str(Path(init_from) / "transformer"))
+                if train_text:
+                    pipe.text_encoder = CLIPTextModel.from_pretrained(str(Path(init_from) / "text_encoder"))
+                    pipe.text_encoder_2 = T5EncoderModel.from_pretrained(str(Path(init_from) / "text_encoder_2"))
+                    pipe.register_modules(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
             else:
                 pipe.transformer = _bigger_flux_transformer(heads, layers, single_layers, seed)
             pipe.register_modules(transformer=pipe.transformer)
@@ -559,9 +566,20 @@ def train_world_generator(
             log(f"[world-gen] vae: {vae_info}")
             evals: list[dict[str, Any]] = []
 
+            shadow: list[Any] = []  # EMA of the trained weights (what is evaluated and saved), once training starts
+
+            def swap_ema() -> None:  # exchange live and EMA weights in place (twice = back as before)
+                with torch.no_grad():
+                    for p, e in zip(params, shadow):
+                        live = p.detach().clone()
+                        p.copy_(e)
+                        e.copy_(live)
+
             def run_eval(label: str, done: int) -> None:
                 model = pipe.transformer
                 model.eval()
+                if shadow:
+                    swap_ema()
                 row = {"label": label, "step": done,
                        "train_seconds": round(time.time() - train_start - eval_spent, 1) if done else 0.0}
                 for g in eval_guidance:
@@ -575,14 +593,17 @@ def train_world_generator(
                     snap = out_dir.parent / f"{out_dir.name}.snapshot"
                     pipe.save_pretrained(snap)
                     (snap / "eval_curve.json").write_text(json.dumps(evals, indent=2) + "\n")
+                if shadow:
+                    swap_ema()
                 model.train()
 
             train_start, eval_spent = time.time(), 0.0
+            params: list[Any] = []
             run_eval("untrained", 0)
             model = pipe.transformer
             model.requires_grad_(True)
             model.train()
-            params = list(model.parameters())
+            params += list(model.parameters())
             text_modules = [pipe.text_encoder, pipe.text_encoder_2] if train_text else []
             for m in text_modules:  # random frozen encoders map prompts that differ in one word to ~one state
                 m.requires_grad_(True)
@@ -590,6 +611,8 @@ def train_world_generator(
                 params += list(m.parameters())
             opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
             warmup = 100
+            if ema_decay:
+                shadow = [p.detach().clone() for p in params]
             gen = torch.Generator().manual_seed(seed)
             drop_rng = random.Random(f"prefmill-world-gen-drop:{seed}")
             done, losses, object_losses = 0, [], []
@@ -623,12 +646,19 @@ def train_world_generator(
                 loss = (token_weight * sq_err).mean()
                 object_losses.append(float((sq_err.detach() * on_object.flatten(1).unsqueeze(-1)).sum()
                                            / (on_object.sum() * sq_err.shape[-1]).clamp_min(1)))
+                rate = lr * min(1.0, (step + 1) / warmup)
+                if lr_decay and step >= warmup:  # cosine to 5 %: the last steps sharpen shapes
+                    rate = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
                 for g in opt.param_groups:
-                    g["lr"] = lr * min(1.0, (step + 1) / warmup)
+                    g["lr"] = rate
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                if shadow:  # EMA with a warm start (early weights are forgotten fast)
+                    decay = min(ema_decay, (1 + step) / (10 + step))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - decay)
                 done = step + 1
                 losses.append(loss.item())
                 if log_every and done % log_every == 0:
@@ -638,6 +668,8 @@ def train_world_generator(
             train_seconds = time.time() - train_start - eval_spent
             if not evals or evals[-1]["step"] != done:
                 run_eval("final", done)
+            if shadow:  # the saved pipeline holds the EMA weights
+                swap_ema()
             model.eval()
             model.requires_grad_(False)
             for m in text_modules:
@@ -653,6 +685,8 @@ def train_world_generator(
             "cond_dropout": cond_dropout,
             "train_text": train_text,
             "object_loss_weight": object_loss_weight,
+            "ema_decay": ema_decay,
+            "lr_decay": lr_decay,
             "max_objects": max_objects,
             "plain": plain,
             "stop_at_correct": stop_at_correct,
@@ -703,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--plain", action="store_true", help="train on scenes without background textures")
     g.add_argument("--object-loss-weight", type=float, default=4.0,
                    help="extra flow-matching loss weight on latent tokens that cover objects")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, evaluated and saved (0: off)")
+    g.add_argument("--constant-lr", action="store_true", help="no cosine decay after the warmup")
     g.add_argument("--frozen-text", action="store_true", help="keep the zoo's random text encoders frozen")
     g.add_argument("--stop-at-correct", type=float, default=None,
                    help="stop at the first evaluation with at least this share of held-out prompts fully correct")
@@ -720,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                                        max_objects=args.max_objects, plain=args.plain,
                                        train_text=not args.frozen_text,
                                        object_loss_weight=args.object_loss_weight,
+                                       ema_decay=args.ema_decay or None, lr_decay=not args.constant_lr,
                                        eval_every=args.eval_every,
                                        stop_at_correct=args.stop_at_correct, threads=args.threads,
                                        log=lambda m: print(m, flush=True))

@@ -1,7 +1,7 @@
 """The proving ground's trained zoo components (built on first use of ``zoo:<name>``, not by ``make zoo``).
 
 * ``world_gen``: the zoo's tiny FLUX pipeline (``build_flux``, byte-identical on every machine) with the transformer,
-  VAE and T5 window trained on the procedural world by ``python -m pipelines.proving_train generator``. That run
+  VAE, T5 window (and, for runs with ``train_text``, both text encoders) trained on the procedural world by ``python -m pipelines.proving_train generator``. That run
   takes ~15 minutes on 2 cores, so its output files are shipped in ``pipelines/zoo/trained/world_gen/`` (a few MB,
   with ``MANIFEST.json``: each file's sha256, the exact command, and the trained model's measured skill) and laid
   over the base build here; a file whose hash differs from the manifest is refused.
@@ -32,6 +32,13 @@ WORLD_GEN_FILES = (
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
     "tokenizer_2/tokenizer_config.json",
+)
+# ... and, when the run trained them jointly (train_text), both text encoders
+WORLD_GEN_TEXT_FILES = (
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
 )
 WORLD_CLIP_STEPS = 600
 WORLD_CLIP_SEED = 0
@@ -105,8 +112,11 @@ def ship_world_gen(run_dir: Path, command: str) -> Path:
 
     marker = json.loads((Path(run_dir) / MARKER).read_text())
     keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects", "text_tokens",
-            "vae", "train_seconds", "build_seconds", "eval", "eval_curve")
-    return ship("world_gen", run_dir, WORLD_GEN_FILES, command, {k: marker.get(k) for k in keep})
+            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "vae", "train_seconds",
+            "build_seconds", "eval", "eval_curve")
+    files = WORLD_GEN_FILES + (WORLD_GEN_TEXT_FILES if marker.get("train_text") else ())
+    shutil.rmtree(SHIPPED / "world_gen", ignore_errors=True)  # no file of an older ship left behind
+    return ship("world_gen", run_dir, files, command, {k: marker.get(k) for k in keep})
 
 
 def ship_world_judge(run_dir: Path, command: str) -> Path:

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ASSETS = [
     "prompt_batches", "candidate_images", "reward_labels", "preference_pairs",
     "sft_corpus", "preference_corpus", "rl_prompt_pool",
-    "sft_run", "dpo_run", "grpo_run", "sft_eval", "dpo_eval", "grpo_eval",
+    "sft_run", "dpo_run", "grpo_run", "sft_eval", "dpo_eval", "grpo_eval", "ar_grpo_run",
     "grpo_base_run", "dpo_shuffled_run", "grpo_verifier_run", "proving_report", "subject_run",
 ]
 PARTITIONED = ["prompt_batches", "candidate_images", "reward_labels", "preference_pairs"]

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 PARTITIONED = {"prompt_batches", "candidate_images", "reward_labels", "preference_pairs"}
 # the proving ground's assets run on the proving profile's world prompts only (tests/e2e/test_proving_ground.py);
-# a subject run takes its subject as config (tests/unit/test_rpo.py)
-MAIN_ASSETS = [a for a in ALL_ASSETS if not set(a.group_names_by_key.values()) & {"proving", "subject"}]
+# a subject run takes its subject as config (tests/unit/test_rpo.py); ar_grpo_run trains an autoregressive model and
+# skips without the profile's ar_grpo section (tests/e2e/test_tiny_ar_graph.py runs it)
+MAIN_ASSETS = [a for a in ALL_ASSETS if not set(a.group_names_by_key.values()) & {"proving", "subject"}
+               and a.key.to_user_string() != "ar_grpo_run"]
 # per task: train prompts, held-out prompts
 QUOTA = {"t2i": (3, 1), "edit": (1, 0), "multi_ref": (2, 1)}
 
