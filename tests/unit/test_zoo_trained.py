@@ -56,3 +56,22 @@ def test_a_component_built_from_older_shipped_files_is_out_of_date(shipped, tmp_
     assert not zoo.is_complete(built)
     zoo.build_zoo(root=root, only="world_judge")
     assert zoo.is_complete(built)
+
+
+@pytest.mark.parametrize("train_text", [True, False])
+def test_ship_world_gen_ships_the_text_encoders_of_runs_that_trained_them(tmp_path, monkeypatch, train_text):
+    ship = tmp_path / "shipped"
+    monkeypatch.setattr(trained, "SHIPPED", ship)
+    (ship / "world_gen" / "stale").mkdir(parents=True)
+    (ship / "world_gen" / "stale" / "old.bin").write_bytes(b"from an older ship")
+    run = tmp_path / "run"
+    for rel in trained.WORLD_GEN_FILES + trained.WORLD_GEN_TEXT_FILES:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(rel.encode())
+    (run / zoo.MARKER).write_text(json.dumps({"train_text": train_text, "steps": 7, "eval": {"correct": 0.1}}))
+    trained.ship_world_gen(run, "python -m pipelines.proving_train generator ...")
+    manifest = json.loads((ship / "world_gen" / "MANIFEST.json").read_text())
+    text = set(trained.WORLD_GEN_TEXT_FILES)
+    assert (text <= set(manifest["files"])) is train_text and (not text & set(manifest["files"])) is not train_text
+    assert manifest["train_text"] is train_text and manifest["steps"] == 7
+    assert not (ship / "world_gen" / "stale").exists()
