@@ -343,14 +343,18 @@ def _scene_pixels(scenes: list[Scene], size: int, torch):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def _object_weights(scenes: list[Scene], x, torch, weight: float = OBJECT_PIXEL_WEIGHT):
-    """Per-pixel loss weights: ``1 + weight`` on object pixels (farther than 40 from the scene's background colour
-    in some channel; textures stay within 14), 1 elsewhere."""
+def _object_mask(scenes: list[Scene], x, torch):
+    """``(B,1,H,W)`` 1.0 on object pixels (farther than 40 from the scene's background colour in some channel;
+    textures stay within 14), 0.0 elsewhere."""
     from labelers.verifier import BACKGROUND_COLOURS
 
     bg = torch.tensor([BACKGROUND_COLOURS[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1.0
-    far = ((x - bg[:, :, None, None]).abs() > 40 / 127.5).any(dim=1, keepdim=True)
-    return 1.0 + weight * far.float()
+    return ((x - bg[:, :, None, None]).abs() > 40 / 127.5).any(dim=1, keepdim=True).float()
+
+
+def _object_weights(scenes: list[Scene], x, torch, weight: float = OBJECT_PIXEL_WEIGHT):
+    """Per-pixel loss weights: ``1 + weight`` on object pixels (:func:`_object_mask`), 1 elsewhere."""
+    return 1.0 + weight * _object_mask(scenes, x, torch)
 
 
 def _train_vae(vae, seed: int, size: int, steps: int, batch: int, lr: float, torch, log,
@@ -631,20 +635,21 @@ def train_world_generator(
                     break
                 items = [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)]
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
-                pixels = _scene_pixels([it.scene for it in items], image_size, torch)
+                scenes = [it.scene for it in items]
+                pixels = _scene_pixels(scenes, image_size, torch)
                 x0 = family.images_to_latents(pixels, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
                 # but every fact the prompt states
                 patch = image_size // int(round(x0.shape[1] ** 0.5))
-                on_object = torch.nn.functional.max_pool2d(
-                    _object_weights([it.scene for it in items], pixels, torch, 1.0) - 1.0, patch)
-                token_weight = 1.0 + object_loss_weight * on_object.flatten(1).unsqueeze(-1)
+                on_object = torch.nn.functional.max_pool2d(_object_mask(scenes, pixels, torch), patch)
+                on_object = on_object.flatten(1).unsqueeze(-1)  # (B, tokens, 1), the packed token order
+                token_weight = 1.0 + object_loss_weight * on_object
                 cond = _encode_with_grad(family, texts) if train_text else family.encode(texts)
                 x_t, t, target = family.training_sample(x0, gen)
                 pred = family.predict(x_t, t, cond)
                 sq_err = (pred.float() - target.float()).square()
                 loss = (token_weight * sq_err).mean()
-                object_losses.append(float((sq_err.detach() * on_object.flatten(1).unsqueeze(-1)).sum()
+                object_losses.append(float((sq_err.detach() * on_object).sum()
                                            / (on_object.sum() * sq_err.shape[-1]).clamp_min(1)))
                 rate = lr * min(1.0, (step + 1) / warmup)
                 if lr_decay and step >= warmup:  # cosine to 5 %: the last steps sharpen shapes
