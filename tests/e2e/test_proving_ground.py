@@ -103,8 +103,9 @@ def test_corpus_labels_agree_with_the_verifier(reduced):
     agree = np.mean([p[3] for p in pairs])
     print(f"\ncorpus label agreement with the verifier: {agree:.3f} over {len(pairs)} pairs")
     # the reward is the mean of the judge's dimension scores (visual quality included), not the share of true facts,
-    # so a few pairs disagree; flipped labels would put this near 1 - agreement
-    assert agree >= 0.75
+    # so some pairs disagree (0.765 over 34 pairs with the shipped generator); flipped labels put this near
+    # 1 - agreement (~0.24), far below the bar
+    assert agree >= 0.65
 
 
 def test_dpo_learns_the_verifiers_preference_and_flipped_labels_unlearn_it(reduced, tmp_path):
