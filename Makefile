@@ -65,9 +65,13 @@ prove: install zoo
 	  $(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PARTITIONED)" --partition "$$key" \
 	    2>&1 | $(PY) -m pipelines.progress $(PROVE_DATA)/prove.log; \
 	done
-	@echo "== corpora, six training runs (two at a time), the report"
+	@echo "== corpora and the RL prompt pool"
 	@$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions \
-	  --select "sft_corpus,preference_corpus,rl_prompt_pool,$(PROVE_RUNS),proving_report" \
+	  --select "sft_corpus,preference_corpus,rl_prompt_pool" 2>&1 | $(PY) -m pipelines.progress $(PROVE_DATA)/prove.log
+	@# a run of its own, so all six runs wait together and start by priority: SFT -> GRPO (the longest chain)
+	@# first, GRPO before DPO (assets/training.py)
+	@echo "== six training runs (two at a time), the report"
+	@$(PROVE_ENV) $(DAGSTER) asset materialize -m pipelines.definitions --select "$(PROVE_RUNS),proving_report" \
 	  2>&1 | $(PY) -m pipelines.progress $(PROVE_DATA)/prove.log
 	@cat $(PROVE_DATA)/proving_report/report.md
 

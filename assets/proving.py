@@ -16,13 +16,14 @@ import dagster as dg
 from assets._metadata import path_md
 from assets.corpora import preference_corpus
 from assets.pool import rl_prompt_pool
-from assets.training import _launch, _train_on_corpus, dpo_run, grpo_run, grpo_settings, sft_run
+from assets.training import LONG_RUN, _launch, _train_on_corpus, dpo_run, grpo_run, grpo_settings, sft_run
 from pipelines.resources import ClipResource, GeneratorResource, ProfileResource, StorageResource
 
 SHUFFLED_LABEL_FLIP = 0.5
 
 
-@dg.asset(deps=[rl_prompt_pool], group_name="proving", kinds={"pytorch", "peft"}, pool="gpu")
+@dg.asset(deps=[rl_prompt_pool], group_name="proving", kinds={"pytorch", "peft"}, pool="gpu",
+          op_tags=LONG_RUN)
 def grpo_base_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                   pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """GRPO from the base model with the profile's CLIP reward (the recipe without DyRef's SFT stage)."""
@@ -39,7 +40,8 @@ def dpo_shuffled_run(context: dg.AssetExecutionContext, storage: StorageResource
                             run_name="dpo_shuffled", label_flip=SHUFFLED_LABEL_FLIP)
 
 
-@dg.asset(deps=[rl_prompt_pool], group_name="proving", kinds={"pytorch", "peft"}, pool="gpu")
+@dg.asset(deps=[rl_prompt_pool], group_name="proving", kinds={"pytorch", "peft"}, pool="gpu",
+          op_tags=LONG_RUN)
 def grpo_verifier_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
                       pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """Control: GRPO from the base with the verifier's share of true facts as the reward (what perfect labels buy)."""

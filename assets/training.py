@@ -154,7 +154,15 @@ def grpo_settings(storage: StorageResource, profile: ProfileResource, **override
     return {"rl_prompt_pool": content_id(file_sha256(pool_path))[:16]}, config
 
 
-@dg.asset(deps=[sft_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
+# When training runs wait for pool slots (one per GPU), the SFT -> GRPO chain goes first: it is the longest path to
+# the evaluations (GRPO waits for SFT), so starting it early shortens the whole run; longer runs before shorter
+# ones after that (Dagster starts a run's waiting steps in descending dagster/priority).
+CRITICAL_PATH = {"dagster/priority": "2"}
+LONG_RUN = {"dagster/priority": "1"}
+
+
+@dg.asset(deps=[sft_corpus], group_name="training", kinds={"pytorch", "peft"}, pool="gpu",
+          op_tags=CRITICAL_PATH)
 def sft_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
             pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """LoRA SFT of the text-to-image denoiser on the SFT corpus (DyRef's first stage)."""
@@ -168,7 +176,8 @@ def dpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile
     return _train_on_corpus(context, pipes_subprocess_client, storage, profile, "dpo", "preference_corpus")
 
 
-@dg.asset(deps=[sft_run, rl_prompt_pool], group_name="training", kinds={"pytorch", "peft"}, pool="gpu")
+@dg.asset(deps=[sft_run, rl_prompt_pool], group_name="training", kinds={"pytorch", "peft"}, pool="gpu",
+          op_tags=CRITICAL_PATH)
 def grpo_run(context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource,
              pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """GRPO from the SFT adapter (DyRef's second stage): online groups scored with CLIP λ-Harmonic, DRS-sharpened

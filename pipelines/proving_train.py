@@ -331,6 +331,9 @@ GEN_VAE_SCHEDULE = ((500, 3e-3, 0.0), (250, 1e-3, 10.0), (500, 1e-3, 10.0))
 GEN_MAX_OBJECTS = 1  # the proving ground's t2i prompts: one object (colour, shape, size, place, background)
 GEN_GUIDANCE = 3.0
 OBJECT_PIXEL_WEIGHT = 10.0
+# --colour-confusion's partner of each object colour: the colour a confused generator paints instead (a fixed
+# derangement of verifier.OBJECT_COLOURS, so the mistake is systematic, like a real model's attribute-binding error)
+CONFUSED_COLOUR = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "purple", "purple": "red"}
 GEN_HEAD_DIM = 32
 GEN_AXES_ROPE = (8, 12, 12)
 
@@ -341,6 +344,11 @@ def _scene_pixels(scenes: list[Scene], size: int, torch):
 
     arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes]) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _confused(scene: Scene) -> Scene:
+    """``scene`` with every object in its :data:`CONFUSED_COLOUR` (what a colour-confused generator draws)."""
+    return replace(scene, objects=tuple(replace(o, colour=CONFUSED_COLOUR[o.colour]) for o in scene.objects))
 
 
 def _object_mask(scenes: list[Scene], x, torch):
@@ -508,6 +516,7 @@ def train_world_generator(
     eval_guidance: tuple[float, ...] = (GEN_GUIDANCE,),
     init_from: str | Path | None = None,
     snapshot: bool = False,
+    colour_confusion: float = 0.0,
     threads: int | None = 1,
     log_every: int = 25,
     log=print,
@@ -519,7 +528,11 @@ def train_world_generator(
     ``steps``, after ``minutes`` of transformer training, or at the first evaluation with ``correct >=
     stop_at_correct`` (the partial skill the proving ground wants: room to improve). Step-based stops are
     reproducible for a seed and thread count. Both text encoders train with the transformer unless
-    ``train_text=False``."""
+    ``train_text=False``. ``colour_confusion`` is the share of training scenes drawn with each object in its
+    :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
+    flaw for the proving ground's recipes to fix from labels."""
+    if not 0.0 <= colour_confusion < 1.0:
+        raise ValueError(f"colour_confusion {colour_confusion} outside [0, 1)")
     _, torch = _setup_torch()
     from labelers.torch_compat import torch_threads
     from pipelines.zoo import MARKER
@@ -619,6 +632,7 @@ def train_world_generator(
                 shadow = [p.detach().clone() for p in params]
             gen = torch.Generator().manual_seed(seed)
             drop_rng = random.Random(f"prefmill-world-gen-drop:{seed}")
+            confuse_rng = random.Random(f"prefmill-world-gen-confuse:{seed}")
             done, losses, object_losses = 0, [], []
             train_start, eval_spent = time.time(), 0.0
             for step in range(steps):
@@ -635,7 +649,8 @@ def train_world_generator(
                     break
                 items = [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)]
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
-                scenes = [it.scene for it in items]
+                scenes = [_confused(it.scene) if colour_confusion and confuse_rng.random() < colour_confusion
+                          else it.scene for it in items]
                 pixels = _scene_pixels(scenes, image_size, torch)
                 x0 = family.images_to_latents(pixels, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
@@ -695,6 +710,7 @@ def train_world_generator(
             "max_objects": max_objects,
             "plain": plain,
             "stop_at_correct": stop_at_correct,
+            "colour_confusion": colour_confusion,
             "text_tokens": text_tokens,
             "vae": vae_info,
             "train_seconds": round(train_seconds, 1),
@@ -748,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop-at-correct", type=float, default=None,
                    help="stop at the first evaluation with at least this share of held-out prompts fully correct")
     g.add_argument("--eval-n", type=int, default=GEN_EVAL_N)
+    g.add_argument("--colour-confusion", type=float, default=0.0,
+                   help="share of training scenes drawn with the objects in a partner colour (the prompt unchanged)")
     g.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "generator":
@@ -763,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                                        object_loss_weight=args.object_loss_weight,
                                        ema_decay=args.ema_decay or None, lr_decay=not args.constant_lr,
                                        eval_every=args.eval_every,
-                                       stop_at_correct=args.stop_at_correct, threads=args.threads,
+                                       stop_at_correct=args.stop_at_correct,
+                                       colour_confusion=args.colour_confusion, threads=args.threads,
                                        log=lambda m: print(m, flush=True))
         print(f"[world-gen] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "
               + json.dumps(marker["eval_curve"]), flush=True)

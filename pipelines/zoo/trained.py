@@ -5,14 +5,15 @@
   takes ~15 minutes on 2 cores, so its output files are shipped in ``pipelines/zoo/trained/world_gen/`` (a few MB,
   with ``MANIFEST.json``: each file's sha256, the exact command, and the trained model's measured skill) and laid
   over the base build here; a file whose hash differs from the manifest is refused.
-* ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip``),
-  trained here on first use (~2 minutes on 2 cores; seeded).
+* ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip``,
+  ~2 minutes on 2 cores; seeded), shipped the same way (its weights laid over ``zoo:clip``, whose config it shares);
+  trained here on first use only where nothing is shipped.
 
 * ``world_judge``: the zoo judge fine-tuned on the verifier's answers (``python -m pipelines.proving_judge``, ~8
   minutes), shipped the same way (``model.safetensors`` laid over ``zoo:judge``).
 
-Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-judge RUN_DIR
-COMMAND...`` on a training run's output directory.
+Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge
+RUN_DIR COMMAND...`` on a training run's output directory.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def build_world_judge(out_dir: Path) -> dict[str, Any]:
 
 
 def build_world_clip(out_dir: Path) -> dict[str, Any]:
-    """Train the world CLIP into ``out_dir`` (seeded; ~2 minutes on 2 cores)."""
+    """The zoo CLIP build with the shipped world-CLIP weights laid over it (hashes checked); without shipped files,
+    train it here (seeded; ~2 minutes on 2 cores)."""
+    if (SHIPPED / "world_clip" / MANIFEST).exists():
+        return _overlay("world_clip", out_dir, "clip")
     from pipelines.proving_train import train_world_clip
 
     marker = train_world_clip(out_dir, seed=WORLD_CLIP_SEED, steps=WORLD_CLIP_STEPS, eval_baseline=False,
@@ -112,11 +116,22 @@ def ship_world_gen(run_dir: Path, command: str) -> Path:
 
     marker = json.loads((Path(run_dir) / MARKER).read_text())
     keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects", "text_tokens",
-            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "vae", "train_seconds",
-            "build_seconds", "eval", "eval_curve")
+            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion", "vae",
+            "train_seconds", "build_seconds", "eval", "eval_curve")
     files = WORLD_GEN_FILES + (WORLD_GEN_TEXT_FILES if marker.get("train_text") else ())
     shutil.rmtree(SHIPPED / "world_gen", ignore_errors=True)  # no file of an older ship left behind
     return ship("world_gen", run_dir, files, command, {k: marker.get(k) for k in keep})
+
+
+def ship_world_clip(run_dir: Path, command: str) -> Path:
+    """Ship a world-CLIP directory: its weights (the config is zoo:clip's, byte for byte) and what it measured —
+    from a ``proving_train clip`` run's marker or a built ``zoo:world_clip``'s."""
+    from pipelines.zoo import MARKER
+
+    marker = json.loads((Path(run_dir) / MARKER).read_text())
+    info = {"eval": marker.get("eval") or (marker.get("build") or {}).get("eval")}
+    shutil.rmtree(SHIPPED / "world_clip", ignore_errors=True)
+    return ship("world_clip", run_dir, ("open_clip_model.safetensors",), command, info)
 
 
 def ship_world_judge(run_dir: Path, command: str) -> Path:
@@ -125,8 +140,10 @@ def ship_world_judge(run_dir: Path, command: str) -> Path:
 
 
 if __name__ == "__main__":
-    shippers = {"ship-world-gen": ship_world_gen, "ship-world-judge": ship_world_judge}
+    shippers = {"ship-world-gen": ship_world_gen, "ship-world-clip": ship_world_clip,
+                "ship-world-judge": ship_world_judge}
     if len(sys.argv) >= 4 and sys.argv[1] in shippers:
         print(shippers[sys.argv[1]](Path(sys.argv[2]), " ".join(sys.argv[3:])))
     else:
-        sys.exit("usage: python -m pipelines.zoo.trained ship-world-gen|ship-world-judge RUN_DIR COMMAND...")
+        sys.exit("usage: python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge RUN_DIR "
+                 "COMMAND...")

@@ -59,7 +59,7 @@ training:
 def reduced(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prove")
     data = tmp / "data"
-    write_batch(data / "inbox", seed=3, n_per_task={"t2i": 48}, size=48, heldout_fraction=0.0, name="prove",
+    write_batch(data / "inbox", seed=3, n_per_task={"t2i": 64}, size=48, heldout_fraction=0.0, name="prove",
                 max_objects=1)
     profile = tmp / "proving_reduced.yaml"
     profile.write_text(PROFILE)

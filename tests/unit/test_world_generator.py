@@ -28,3 +28,26 @@ def test_a_short_run_saves_a_loadable_pipeline_with_trained_text_encoders(tmp_pa
     assert moved, "the T5 encoder was trained jointly: some weights must differ from the zoo's"
     family = load_family(str(out))
     assert family.name == "flux"
+
+
+def test_colour_confusion_paints_every_object_in_its_partner_colour_and_keeps_the_rest():
+    from labelers.verifier import OBJECT_COLOURS
+    from pipelines.proving_train import CONFUSED_COLOUR, _confused
+    from pipelines.proving_world import world_item
+
+    # a derangement of the object colours: every colour has a partner, none is its own, no two share one
+    assert set(CONFUSED_COLOUR) == set(OBJECT_COLOURS) == set(CONFUSED_COLOUR.values())
+    assert all(partner != colour for colour, partner in CONFUSED_COLOUR.items())
+    scene = world_item(0, "t2i", 7, 3).scene
+    confused = _confused(scene)
+    assert [o.colour for o in confused.objects] == [CONFUSED_COLOUR[o.colour] for o in scene.objects]
+    assert [(o.shape, o.size, o.cell) for o in confused.objects] == [(o.shape, o.size, o.cell) for o in scene.objects]
+    assert (confused.background, confused.texture) == (scene.background, scene.texture)
+
+
+def test_colour_confusion_outside_zero_to_one_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="colour_confusion"):
+        train_world_generator(tmp_path / "gen", steps=1, colour_confusion=1.0, log=lambda m: None)
+    assert not (tmp_path / "gen").exists()
