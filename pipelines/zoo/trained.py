@@ -1,10 +1,11 @@
 """The proving ground's trained zoo components (built on first use of ``zoo:<name>``, not by ``make zoo``).
 
 * ``world_gen``: the zoo's tiny FLUX pipeline (``build_flux``, byte-identical on every machine) with the transformer,
-  VAE, T5 window (and, for runs with ``train_text``, both text encoders) trained on the procedural world by ``python -m pipelines.proving_train generator``. That run
-  takes ~15 minutes on 2 cores, so its output files are shipped in ``pipelines/zoo/trained/world_gen/`` (a few MB,
-  with ``MANIFEST.json``: each file's sha256, the exact command, and the trained model's measured skill) and laid
-  over the base build here; a file whose hash differs from the manifest is refused.
+  VAE, T5 window (and, for runs with ``train_text``, both text encoders) trained on the procedural world by
+  ``python -m pipelines.proving_train generator``. Its four stages take ~66 minutes on 2 cores, so the output files
+  are shipped in ``pipelines/zoo/trained/world_gen/`` (13 MB, with ``MANIFEST.json``: each file's sha256, the exact
+  commands, and the trained model's measured skill) and laid over the base build here; a file whose hash differs
+  from the manifest is refused.
 * ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip``,
   ~2 minutes on 2 cores; seeded), shipped the same way (its weights laid over ``zoo:clip``, whose config it shares);
   trained here on first use only where nothing is shipped.
