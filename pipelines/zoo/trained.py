@@ -6,9 +6,9 @@
   are shipped in ``pipelines/zoo/trained/world_gen/`` (13 MB, with ``MANIFEST.json``: each file's sha256, the exact
   commands, and the trained model's measured skill) and laid over the base build here; a file whose hash differs
   from the manifest is refused.
-* ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip``,
-  ~2 minutes on 2 cores; seeded), shipped the same way (its weights laid over ``zoo:clip``, whose config it shares);
-  trained here on first use only where nothing is shipped.
+* ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip
+  --threads 1``, ~3 minutes; seeded, its weights depend on the thread count), shipped the same way (its weights laid
+  over ``zoo:clip``, whose config it shares).
 
 * ``world_judge``: the zoo judge fine-tuned on the verifier's answers (``python -m pipelines.proving_judge``, ~8
   minutes), shipped the same way (``model.safetensors`` laid over ``zoo:judge``).
@@ -42,8 +42,6 @@ WORLD_GEN_TEXT_FILES = (
     "text_encoder_2/config.json",
     "text_encoder_2/model.safetensors",
 )
-WORLD_CLIP_STEPS = 600
-WORLD_CLIP_SEED = 0
 
 
 def _sha256(path: Path) -> str:
@@ -86,23 +84,16 @@ def build_world_judge(out_dir: Path) -> dict[str, Any]:
 
 
 def build_world_clip(out_dir: Path) -> dict[str, Any]:
-    """The zoo CLIP build with the shipped world-CLIP weights laid over it (hashes checked); without shipped files,
-    train it here (seeded; ~2 minutes on 2 cores)."""
-    if (SHIPPED / "world_clip" / MANIFEST).exists():
-        return _overlay("world_clip", out_dir, "clip")
-    from pipelines.proving_train import train_world_clip
-
-    marker = train_world_clip(out_dir, seed=WORLD_CLIP_SEED, steps=WORLD_CLIP_STEPS, eval_baseline=False,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
-    return {"trained_by": f"train_world_clip(seed={WORLD_CLIP_SEED}, steps={WORLD_CLIP_STEPS})",
-            "eval": marker.get("eval")}
+    """The zoo CLIP build with the shipped world-CLIP weights laid over it (hashes checked; the config is zoo:clip's)."""
+    return _overlay("world_clip", out_dir, "clip")
 
 
 def ship(name: str, run_dir: Path, files: tuple[str, ...], command: str, info: dict[str, Any]) -> Path:
     """Copy a training run's ``files`` into ``pipelines/zoo/trained/<name>`` with a manifest of their hashes, the
-    command that made them and what it measured (``info``)."""
+    command that made them and what it measured (``info``); no file of an older ship is left behind."""
     target = SHIPPED / name
-    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
     hashes = {}
     for rel in files:
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +111,6 @@ def ship_world_gen(run_dir: Path, command: str) -> Path:
             "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion", "vae",
             "train_seconds", "build_seconds", "eval", "eval_curve")
     files = WORLD_GEN_FILES + (WORLD_GEN_TEXT_FILES if marker.get("train_text") else ())
-    shutil.rmtree(SHIPPED / "world_gen", ignore_errors=True)  # no file of an older ship left behind
     return ship("world_gen", run_dir, files, command, {k: marker.get(k) for k in keep})
 
 
@@ -131,7 +121,6 @@ def ship_world_clip(run_dir: Path, command: str) -> Path:
 
     marker = json.loads((Path(run_dir) / MARKER).read_text())
     info = {"eval": marker.get("eval") or (marker.get("build") or {}).get("eval")}
-    shutil.rmtree(SHIPPED / "world_clip", ignore_errors=True)
     return ship("world_clip", run_dir, ("open_clip_model.safetensors",), command, info)
 
 
