@@ -389,6 +389,7 @@ class _CorpusTrainer(_Trainer):
     """Shared by the trainers on a corpus."""
 
     init_adapter: str | None = Field(None, description="a diffusers-format LoRA directory to start from")
+    sample_latents: bool = Field(True, description="VAE posterior sample (true) or mean (false)")
 
 
 class SftTrainer(_CorpusTrainer):
@@ -417,7 +418,6 @@ class DpoTrainer(_CorpusTrainer):
 
     beta: Annotated[float, Field(gt=0.0)] = Field(2000.0, description="KL strength β")
     drop_ties: bool = Field(True, description="skip 0.5/0.5 pairs")
-    sample_latents: bool = Field(True, description="VAE posterior sample (true) or mean (false)")
     max_steps: PositiveInt = Field(20, description="optimizer steps")
     batch_size: PositiveInt = Field(4, description="pairs per optimizer step and process")
     gradient_accumulation_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")

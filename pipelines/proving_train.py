@@ -334,6 +334,8 @@ OBJECT_PIXEL_WEIGHT = 10.0
 # --colour-confusion's partner of each object colour: the colour a confused generator paints instead (a fixed
 # derangement of verifier.OBJECT_COLOURS, so the mistake is systematic, like a real model's attribute-binding error)
 CONFUSED_COLOUR = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "purple", "purple": "red"}
+# --background-confusion's partner of each background colour (a derangement of verifier.BACKGROUND_COLOURS)
+CONFUSED_BACKGROUND = {"white": "black", "black": "grey", "grey": "white"}
 GEN_HEAD_DIM = 32
 GEN_AXES_ROPE = (8, 12, 12)
 
@@ -349,6 +351,11 @@ def _scene_pixels(scenes: list[Scene], size: int, torch):
 def _confused(scene: Scene) -> Scene:
     """``scene`` with every object in its :data:`CONFUSED_COLOUR` (what a colour-confused generator draws)."""
     return replace(scene, objects=tuple(replace(o, colour=CONFUSED_COLOUR[o.colour]) for o in scene.objects))
+
+
+def _confused_background(scene: Scene) -> Scene:
+    """``scene`` on its :data:`CONFUSED_BACKGROUND` (what a background-confused generator draws)."""
+    return replace(scene, background=CONFUSED_BACKGROUND[scene.background])
 
 
 def _object_mask(scenes: list[Scene], x, torch):
@@ -517,6 +524,7 @@ def train_world_generator(
     init_from: str | Path | None = None,
     snapshot: bool = False,
     colour_confusion: float = 0.0,
+    background_confusion: float = 0.0,
     threads: int | None = 1,
     log_every: int = 25,
     log=print,
@@ -531,8 +539,9 @@ def train_world_generator(
     ``train_text=False``. ``colour_confusion`` is the share of training scenes drawn with each object in its
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
     flaw for the proving ground's recipes to fix from labels."""
-    if not 0.0 <= colour_confusion < 1.0:
-        raise ValueError(f"colour_confusion {colour_confusion} outside [0, 1)")
+    for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"{name} {share} outside [0, 1)")
     _, torch = _setup_torch()
     from labelers.torch_compat import torch_threads
     from pipelines.zoo import MARKER
@@ -651,6 +660,8 @@ def train_world_generator(
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
                 scenes = [_confused(it.scene) if colour_confusion and confuse_rng.random() < colour_confusion
                           else it.scene for it in items]
+                scenes = [_confused_background(sc) if background_confusion and confuse_rng.random() < background_confusion
+                          else sc for sc in scenes]
                 pixels = _scene_pixels(scenes, image_size, torch)
                 x0 = family.images_to_latents(pixels, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
@@ -711,6 +722,7 @@ def train_world_generator(
             "plain": plain,
             "stop_at_correct": stop_at_correct,
             "colour_confusion": colour_confusion,
+            "background_confusion": background_confusion,
             "text_tokens": text_tokens,
             "vae": vae_info,
             "train_seconds": round(train_seconds, 1),
@@ -766,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--eval-n", type=int, default=GEN_EVAL_N)
     g.add_argument("--colour-confusion", type=float, default=0.0,
                    help="share of training scenes drawn with the objects in a partner colour (the prompt unchanged)")
+    g.add_argument("--background-confusion", type=float, default=0.0,
+                   help="share of training scenes drawn on a partner background colour (the prompt unchanged)")
     g.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "generator":
@@ -782,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
                                        ema_decay=args.ema_decay or None, lr_decay=not args.constant_lr,
                                        eval_every=args.eval_every,
                                        stop_at_correct=args.stop_at_correct,
-                                       colour_confusion=args.colour_confusion, threads=args.threads,
+                                       colour_confusion=args.colour_confusion,
+                                       background_confusion=args.background_confusion, threads=args.threads,
                                        log=lambda m: print(m, flush=True))
         print(f"[world-gen] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "
               + json.dumps(marker["eval_curve"]), flush=True)

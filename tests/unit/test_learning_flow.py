@@ -52,40 +52,80 @@ def _means(values, width):
     return [round(float(np.mean(values[i:i + width])), 4) for i in range(0, len(values), width)]
 
 
-def test_flow_sft_loss_falls(flow_model, tmp_path):
-    from trainers.families import load_family
-    from trainers.sft import SFTConfig, train
-
+def _texture_corpus(tmp_path):
     samples = [{"__key__": f"s{i:03d}", "jpg": _jpeg(_texture(i % 4)), "txt": CAPTIONS[i % 4],
                 "json": {"task": "t2i"}} for i in range(16)]
-    corpus = write_corpus(tmp_path / "c", samples, per_shard=16)
-    result = train(SFTConfig(pretrained_model=flow_model, corpus_dir=corpus, output_dir=str(tmp_path / "o"),
-                             resolution=SIZE, max_steps=40, batch_size=4, lora_rank=8, learning_rate=2e-3,
-                             checkpoint_every=100, dataloader_num_workers=0, num_threads=1))
+    return write_corpus(tmp_path / "c", samples, per_shard=16)
 
-    # a fixed evaluation batch: the same (image, noise, σ) draws scored by the base and the trained model
-    def eval_loss(adapter):
-        family = load_family(flow_model)
-        if adapter:
-            family.pipe.load_lora_weights(adapter)
-        from trainers.data import images_to_tensor
-        from PIL import Image
 
-        images = [Image.fromarray((_texture(i % 4) * 255).astype("uint8")) for i in range(8)]
-        x0 = family.images_to_latents(images_to_tensor(images, SIZE), sample=False)
-        g = torch.Generator().manual_seed(123)
-        cond = family.encode([CAPTIONS[i % 4] for i in range(8)], None, SIZE)
-        losses = []
-        with torch.no_grad():
-            for _ in range(4):
-                x_t, t, target = family.training_sample(x0, g)
-                losses.append(float(((family.predict(x_t, t, cond) - target) ** 2).mean()))
-        return float(np.mean(losses))
+def _train_sft(flow_model, corpus, out, steps: int = 40, **overrides) -> dict:
+    from trainers.sft import SFTConfig, train
 
-    base, tuned = eval_loss(None), eval_loss(result["adapter_path"])
+    settings = {"resolution": SIZE, "max_steps": steps, "batch_size": 4, "lora_rank": 8, "learning_rate": 2e-3,
+                "checkpoint_every": 100, "dataloader_num_workers": 0, "num_threads": 1, **overrides}
+    return train(SFTConfig(pretrained_model=flow_model, corpus_dir=corpus, output_dir=str(out), **settings))
+
+
+def _eval_loss(flow_model, adapter) -> float:
+    """A fixed evaluation batch: the same (image, noise, σ) draws on the textures' posterior-mean latents."""
+    from PIL import Image
+
+    from trainers.data import images_to_tensor
+    from trainers.families import load_family
+
+    family = load_family(flow_model)
+    if adapter:
+        family.pipe.load_lora_weights(adapter)
+    images = [Image.fromarray((_texture(i % 4) * 255).astype("uint8")) for i in range(8)]
+    x0 = family.images_to_latents(images_to_tensor(images, SIZE), sample=False)
+    g = torch.Generator().manual_seed(123)
+    cond = family.encode([CAPTIONS[i % 4] for i in range(8)], None, SIZE)
+    losses = []
+    with torch.no_grad():
+        for _ in range(4):
+            x_t, t, target = family.training_sample(x0, g)
+            losses.append(float(((family.predict(x_t, t, cond) - target) ** 2).mean()))
+    return float(np.mean(losses))
+
+
+def test_flow_sft_loss_falls(flow_model, tmp_path):
+    result = _train_sft(flow_model, _texture_corpus(tmp_path), tmp_path / "o")
+    base, tuned = _eval_loss(flow_model, None), _eval_loss(flow_model, result["adapter_path"])
     curve = [r["loss"] for r in _metrics(tmp_path / "o")]
     print(f"\nflow SFT loss per 10 steps: {_means(curve, 10)}; fixed eval batch {base:.4f} -> {tuned:.4f}")
     assert tuned < base * 0.97
+
+
+def test_flow_sft_on_posterior_means_learns_the_images_not_the_vae_noise(tmp_path):
+    """zoo:world_gen's VAE was fitted as an autoencoder only: its posterior std is ~1, so a posterior sample is the
+    image's latent plus unit noise. SFT with ``sample_latents=False`` trains on the means (what the generator was
+    pre-trained on) and fits the images far better than on samples, where it learns to draw that noise."""
+    from pipelines.proving_world import png_bytes, render, world_items
+    from pipelines.zoo import resolve_model
+
+    model = resolve_model("zoo:world_gen")
+    items = world_items(5, "t2i", 16, max_objects=1, plain=True)
+    corpus = write_corpus(tmp_path / "c", [{"__key__": f"w{i:03d}", "jpg": _png_to_jpeg(png_bytes(render(it.scene, 48))),
+                                            "txt": it.text, "json": {"task": "t2i"}} for i, it in enumerate(items)],
+                          per_shard=16)
+    overrides = {"resolution": 48, "learning_rate": 1e-3}
+    sampled = _train_sft(model, corpus, tmp_path / "sampled", steps=20, **overrides)
+    means = _train_sft(model, corpus, tmp_path / "means", steps=20, sample_latents=False, **overrides)
+    train_loss = {name: float(np.mean([r["loss"] for r in _metrics(tmp_path / name)][-10:]))
+                  for name in ("sampled", "means")}
+    print(f"\nlast-10 SFT train loss {train_loss}")
+    assert train_loss["means"] < 0.3 * train_loss["sampled"]
+    assert sampled["adapter_path"] and means["adapter_path"]
+
+
+def _png_to_jpeg(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def test_flow_dpo_implicit_accuracy_rises(flow_model, tmp_path):

@@ -45,9 +45,24 @@ def test_colour_confusion_paints_every_object_in_its_partner_colour_and_keeps_th
     assert (confused.background, confused.texture) == (scene.background, scene.texture)
 
 
-def test_colour_confusion_outside_zero_to_one_is_refused(tmp_path):
+def test_background_confusion_paints_the_partner_background_and_keeps_the_objects():
+    from labelers.verifier import BACKGROUND_COLOURS, detect
+    from pipelines.proving_train import CONFUSED_BACKGROUND, _confused_background
+    from pipelines.proving_world import render, world_item
+
+    assert set(CONFUSED_BACKGROUND) == set(BACKGROUND_COLOURS) == set(CONFUSED_BACKGROUND.values())
+    assert all(partner != colour for colour, partner in CONFUSED_BACKGROUND.items())
+    scene = world_item(0, "t2i", 7, 3, plain=True).scene
+    confused = _confused_background(scene)
+    assert confused.background == CONFUSED_BACKGROUND[scene.background]
+    assert confused.objects == scene.objects and confused.texture == scene.texture
+    assert detect(render(confused, 48)).background == confused.background  # the verifier sees the flaw
+
+
+def test_confusion_outside_zero_to_one_is_refused(tmp_path):
     import pytest
 
-    with pytest.raises(ValueError, match="colour_confusion"):
-        train_world_generator(tmp_path / "gen", steps=1, colour_confusion=1.0, log=lambda m: None)
-    assert not (tmp_path / "gen").exists()
+    for name in ("colour_confusion", "background_confusion"):
+        with pytest.raises(ValueError, match=name):
+            train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, **{name: 1.0})
+        assert not (tmp_path / "gen").exists()

@@ -24,6 +24,10 @@ class SFTConfig(LoRATrainingConfig):
     batch_size: int = 4  # samples per optimizer step and process (before gradient accumulation)
     gradient_accumulation_steps: int = 1
     caption_dropout: float = 0.0  # probability of training on the empty caption (enables CFG)
+    # Latents of the training images: a VAE posterior sample (True, what diffusers' training scripts do) or its mean
+    # (False). Use False when the VAE's posterior std is not small, e.g. the zoo's VAEs (std ~1, never fitted): the
+    # sample is then the image's latent plus unit noise, and SFT learns to draw that noise.
+    sample_latents: bool = True
     shuffle: bool = True
     shuffle_buffer: int = 256  # samples in each DataLoader worker's shuffle buffer
     # Data loading: each rank reads its own shards in `dataloader_num_workers` worker processes (0: in the training

@@ -50,7 +50,8 @@ class SFTStep:
         from trainers import common
 
         cfg, acc, family = self.cfg, self.acc, self.family
-        latents = family.images_to_latents(batch["pixels"].to(acc.device), generator=gen).float()
+        latents = family.images_to_latents(batch["pixels"].to(acc.device), generator=gen,
+                                           sample=cfg.sample_latents).float()
         bsz = latents.shape[0]
         noisy, timesteps, target = family.training_sample(latents, gen)
         captions = list(batch["captions"])
