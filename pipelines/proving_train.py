@@ -538,7 +538,8 @@ def train_world_generator(
     reproducible for a seed and thread count. Both text encoders train with the transformer unless
     ``train_text=False``. ``colour_confusion`` is the share of training scenes drawn with each object in its
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
-    flaw for the proving ground's recipes to fix from labels."""
+    flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
+    :data:`CONFUSED_BACKGROUND`."""
     for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
         if not 0.0 <= share < 1.0:
             raise ValueError(f"{name} {share} outside [0, 1)")
@@ -660,8 +661,9 @@ def train_world_generator(
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
                 scenes = [_confused(it.scene) if colour_confusion and confuse_rng.random() < colour_confusion
                           else it.scene for it in items]
-                scenes = [_confused_background(sc) if background_confusion and confuse_rng.random() < background_confusion
-                          else sc for sc in scenes]
+                scenes = [_confused_background(sc)
+                          if background_confusion and confuse_rng.random() < background_confusion else sc
+                          for sc in scenes]
                 pixels = _scene_pixels(scenes, image_size, torch)
                 x0 = family.images_to_latents(pixels, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas

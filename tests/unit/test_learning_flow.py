@@ -105,9 +105,9 @@ def test_flow_sft_on_posterior_means_learns_the_images_not_the_vae_noise(tmp_pat
 
     model = resolve_model("zoo:world_gen")
     items = world_items(5, "t2i", 16, max_objects=1, plain=True)
-    corpus = write_corpus(tmp_path / "c", [{"__key__": f"w{i:03d}", "jpg": _png_to_jpeg(png_bytes(render(it.scene, 48))),
-                                            "txt": it.text, "json": {"task": "t2i"}} for i, it in enumerate(items)],
-                          per_shard=16)
+    samples = [{"__key__": f"w{i:03d}", "jpg": _png_to_jpeg(png_bytes(render(it.scene, 48))), "txt": it.text,
+                "json": {"task": "t2i"}} for i, it in enumerate(items)]
+    corpus = write_corpus(tmp_path / "c", samples, per_shard=16)
     overrides = {"resolution": 48, "learning_rate": 1e-3}
     sampled = _train_sft(model, corpus, tmp_path / "sampled", steps=20, **overrides)
     means = _train_sft(model, corpus, tmp_path / "means", steps=20, sample_latents=False, **overrides)

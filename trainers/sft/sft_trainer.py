@@ -24,8 +24,9 @@ class SFTStep:
     """The loss of one SFT micro-batch (shared by :func:`train` and ``bench/train_loader.py``).
 
     ``batch``: ``{"pixels": (B,3,R,R) in [-1,1], "captions": [...], "meta": [sample json, ...]}``; every random
-    draw comes from ``gen`` in a fixed order (posterior sample, noise, timesteps, caption dropout, then -- when
-    conditioning -- dimension dropout and reward dropout), so plain SFT draws what it always drew.
+    draw comes from ``gen`` in a fixed order (posterior sample unless ``sample_latents`` is off, noise, timesteps,
+    caption dropout, then -- when conditioning -- dimension dropout and reward dropout), so plain SFT draws what it
+    always drew.
 
     The objective is the model family's (:mod:`trainers.families`): noise / v prediction for the UNet families, the
     flow velocity for the flow-matching transformers. Edit and multi_ref samples are conditioned on their source /
