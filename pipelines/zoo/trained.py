@@ -108,8 +108,8 @@ def ship_world_gen(run_dir: Path, command: str) -> Path:
 
     marker = json.loads((Path(run_dir) / MARKER).read_text())
     keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects", "text_tokens",
-            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion", "vae",
-            "train_seconds", "build_seconds", "eval", "eval_curve")
+            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion",
+            "background_confusion", "vae", "train_seconds", "build_seconds", "eval", "eval_curve")
     files = WORLD_GEN_FILES + (WORLD_GEN_TEXT_FILES if marker.get("train_text") else ())
     return ship("world_gen", run_dir, files, command, {k: marker.get(k) for k in keep})
 
