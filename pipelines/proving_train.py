@@ -563,10 +563,10 @@ def train_world_generator(
                 from transformers import CLIPTextModel, T5EncoderModel
 
                 pipe.transformer = FluxTransformer2DModel.from_pretrained(str(Path(init_from) / "transformer"))
-                if train_text:
-                    pipe.text_encoder = CLIPTextModel.from_pretrained(str(Path(init_from) / "text_encoder"))
-                    pipe.text_encoder_2 = T5EncoderModel.from_pretrained(str(Path(init_from) / "text_encoder_2"))
-                    pipe.register_modules(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+                # the saved run's encoders even when they stay frozen: its transformer was trained on their states
+                pipe.text_encoder = CLIPTextModel.from_pretrained(str(Path(init_from) / "text_encoder"))
+                pipe.text_encoder_2 = T5EncoderModel.from_pretrained(str(Path(init_from) / "text_encoder_2"))
+                pipe.register_modules(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
             else:
                 pipe.transformer = _bigger_flux_transformer(heads, layers, single_layers, seed)
             pipe.register_modules(transformer=pipe.transformer)
