@@ -1,6 +1,6 @@
 """Small commands around the Dagster code location (used by ``make demo``):
 
-    python -m pipelines.cli seed-inbox   copy the bundled sample batches into the inbox (once)
+    python -m pipelines.cli seed-inbox   put the profile's sample batches into the inbox (once)
     python -m pipelines.cli register     add a prompt_batches partition per inbox file to the Dagster instance
     python -m pipelines.cli partitions   print the registered partition keys, one per line
     python -m pipelines.cli summary      one screen: what the last materializations wrote
@@ -11,7 +11,7 @@
                                          only, soft labels rounded to 0/0.5/1); prints a JSON summary, and what
                                          it left out on stderr
     python -m pipelines.cli check-profile [FILE|NAME]
-                                         validate a profile (default: $PREFMILL_PROFILE or tiny) and print its
+                                         validate a profile (default: $PREFMILL_PROFILE or world) and print its
                                          resolved settings as YAML (exit 0), or each problem as
                                          `path.to.key: problem` on stderr (exit 2)
 """
@@ -32,12 +32,26 @@ from pipelines.paths import SAMPLES_DIR, Layout, default_data_root, default_inbo
 SUMMARY_METRICS = ("loss", "implicit_acc", "margin", "reward_mean", "kl", "best_heldout_lambda_harmonic")
 
 
-def seed_inbox(inbox: Path) -> list[Path]:
+# `samples: world`: three batches like the bundled ones (12 prompts each), of the procedural world's prompts —
+# one-object t2i scenes (what zoo:world_gen learned), edits and multi-reference placements
+WORLD_SAMPLE_BATCHES = 3
+WORLD_SAMPLE_COUNTS = {"t2i": 6, "edit": 3, "multi_ref": 3}
+
+
+def seed_inbox(inbox: Path, samples: str = "bundled") -> list[Path]:
+    """Put the profile's sample batches into ``inbox/samples`` once (a later call leaves them): the bundled ones
+    (``samples: bundled``), or :data:`WORLD_SAMPLE_BATCHES` batches of the world's prompts (``samples: world``)."""
     target = inbox / "samples"
     if not target.exists():
         tmp = inbox / ".samples.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(SAMPLES_DIR, tmp, ignore=shutil.ignore_patterns("README.md"))
+        if samples == "world":
+            from pipelines.proving_world import write_batch
+
+            for seed in range(1, WORLD_SAMPLE_BATCHES + 1):
+                write_batch(tmp / "prompts", seed, WORLD_SAMPLE_COUNTS, name=f"batch-{seed:04d}", max_objects=1)
+        else:
+            shutil.copytree(SAMPLES_DIR, tmp, ignore=shutil.ignore_patterns("README.md"))
         tmp.replace(target)
     return sorted(target.rglob("*.jsonl"))
 
@@ -182,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     inbox = Path(args.inbox or default_inbox(args.data))
     if args.command == "seed-inbox":
-        for path in seed_inbox(inbox):
+        from pipelines.profiles import load_profile
+
+        for path in seed_inbox(inbox, load_profile()["samples"]):
             print(path)
     elif args.command in ("register", "partitions"):
         keys = register(inbox) if args.command == "register" else _registered()
@@ -200,7 +216,7 @@ def check_profile(name_or_path: str | None) -> int:
     from pipelines.profiles import ProfileError, load_profile, profile_path
 
     try:
-        path = profile_path(name_or_path or os.environ.get("PREFMILL_PROFILE") or "tiny")
+        path = profile_path(name_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE)
         settings = load_profile(str(path))
     except ProfileError as exc:
         print(f"check-profile: {exc}", file=sys.stderr)

@@ -564,6 +564,9 @@ class Profile(_Section):
     device: str = Field("cpu", description="torch device of the models (cpu, cuda, cuda:1, ...)")
     dtype: DType = Field("float32", description="model dtype")
     cpu_threads: PositiveInt | None = Field(None, description="torch threads per process (absent: torch's default)")
+    samples: Literal["bundled", "world"] = Field(
+        "bundled", description="what `cli seed-inbox` puts in the inbox: the bundled sample batches, or batches of "
+                               "the procedural world's prompts (for the models trained on it)")
     generation: Generation = Field(description="candidate generation")
     judge: Judge = Field(description="the VLM judge; backend: transformers | vllm | openai | verifier")
     clip: Clip = Field(description="the CLIP scorer")

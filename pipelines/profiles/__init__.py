@@ -1,4 +1,5 @@
-"""Profiles: which models and batch settings a setup uses. ``PREFMILL_PROFILE`` picks one (default ``tiny``).
+"""Profiles: which models and batch settings a setup uses. ``PREFMILL_PROFILE`` picks one (default ``world``: the
+tiny graph with the models trained on the procedural world; ``tiny`` is the random zoo the tests use).
 
 A profile is a YAML file; a name resolves to ``pipelines/profiles/<name>.yaml``, anything else is a path.
 ``extends: <profile>`` starts from another profile; sections given here replace that profile's sections whole
@@ -27,7 +28,7 @@ from typing import Any
 from pipelines.profile_schema import TASKS, Inputs, ProfileProblems, resolve
 
 PROFILE_ENV = "PREFMILL_PROFILE"
-DEFAULT_PROFILE = "tiny"
+DEFAULT_PROFILE = "world"
 PROFILE_DIR = Path(__file__).resolve().parent
 REQUIRED_SECTIONS = ("generation", "judge", "clip", "rewards", "pairs", "corpora", "training", "eval")
 

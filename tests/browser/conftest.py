@@ -194,7 +194,7 @@ def dagster_ui(tmp_path_factory, chromium_browser) -> DagsterUI:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFMILL_", "DAGSTER_"))}
     env.update(DAGSTER_HOME=str(home), PREFMILL_DATA=str(data), PREFMILL_INBOX=str(inbox), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONUNBUFFERED="1")
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONUNBUFFERED="1", PREFMILL_PROFILE="tiny")
     port = _free_port()
     log = tmp / "dagster_dev.log"
     cmd = [_dagster_cli(), "dev", "-m", "pipelines.definitions", "-d", str(REPO_ROOT), "-h", "127.0.0.1",
