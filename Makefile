@@ -1,4 +1,4 @@
-# prefmill: `make demo` installs and runs the whole graph on the tiny offline profile; `make test` runs the tests.
+# prefmill: `make demo` installs and runs the whole graph on the embedded default profile (world); `make test` runs the tests.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
