@@ -117,6 +117,15 @@ def test_check_profile_prints_the_resolved_settings(capsys):
     assert yaml.safe_load(out) == load_profile("tiny_endpoint")
 
 
+def test_check_profile_without_a_name_checks_the_environments_profile_else_the_default(monkeypatch, capsys):
+    monkeypatch.setenv("PREFMILL_PROFILE", "tiny_endpoint")
+    assert cli_main(["check-profile"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "tiny_endpoint"
+    monkeypatch.delenv("PREFMILL_PROFILE")
+    assert cli_main(["check-profile"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "world"
+
+
 def test_check_profile_fails_with_exit_2_naming_the_key(tmp_path, capsys):
     path = _profile(tmp_path, "extends: tiny\njudge: {backend: transformers, model: x, temprature: 1.0}\n")
     assert cli_main(["check-profile", str(path)]) == 2
