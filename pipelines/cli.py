@@ -213,10 +213,10 @@ def check_profile(name_or_path: str | None) -> int:
     stdout and exit 0; its problems on stderr and exit 2."""
     import yaml
 
-    from pipelines.profiles import DEFAULT_PROFILE, PROFILE_ENV, ProfileError, load_profile, profile_path
+    from pipelines.profiles import ProfileError, load_profile, profile_path, selected_profile
 
     try:
-        path = profile_path(name_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE)
+        path = profile_path(selected_profile(name_or_path))
         settings = load_profile(str(path))
     except ProfileError as exc:
         print(f"check-profile: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # the tests run on the random zoo (`tiny`) unless they name a profile; the embedded default (`world`, the trained
-# world models) is what `make demo` runs, tested by name in tests/unit/test_world_profile.py
+# world models) is what `make demo` runs, tested by name in tests/e2e/test_world_default.py
 os.environ.setdefault("PREFMILL_PROFILE", "tiny")
 
 import labelers  # noqa: E402,F401  (installs the torchvision compat shim before any test imports transformers)

@@ -133,8 +133,12 @@ def _load(path: str) -> dict[str, Any]:
     return resolved
 
 
+def selected_profile(name_or_path: str | None = None) -> str:
+    """The profile a caller means: ``name_or_path``, else ``$PREFMILL_PROFILE``, else :data:`DEFAULT_PROFILE`."""
+    return name_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+
+
 def load_profile(name_or_path: str | None = None) -> dict[str, Any]:
     """The validated profile as a fresh dict, the schema's defaults filled in (callers may mutate it); a
     ``ProfileError`` naming each bad key otherwise."""
-    name = name_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
-    return copy.deepcopy(_load(str(profile_path(name))))
+    return copy.deepcopy(_load(str(profile_path(selected_profile(name_or_path)))))
