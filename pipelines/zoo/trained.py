@@ -10,8 +10,10 @@
   --threads 1``, ~3 minutes; seeded, its weights depend on the thread count), shipped the same way (its weights laid
   over ``zoo:clip``, whose config it shares).
 
-* ``world_judge``: the zoo judge fine-tuned on the verifier's answers (``python -m pipelines.proving_judge``, ~8
-  minutes), shipped the same way (``model.safetensors`` laid over ``zoo:judge``).
+* ``world_judge``: a Qwen2.5-VL judge of zoo:judge's tokenizer and chat template, with its own config (a lower RoPE
+  base, a wider vision tower) and pixel budget, trained to read world scenes and then on the verifier's answers
+  (``python -m pipelines.proving_judge``, ~15 minutes), shipped the same way (``model.safetensors``, ``config.json``
+  and ``processor_config.json`` laid over ``zoo:judge``).
 
 Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge
 RUN_DIR COMMAND...`` on a training run's output directory.
@@ -124,9 +126,12 @@ def ship_world_clip(run_dir: Path, command: str) -> Path:
     return ship("world_clip", run_dir, ("open_clip_model.safetensors",), command, info)
 
 
+WORLD_JUDGE_FILES = ("model.safetensors", "config.json", "processor_config.json")
+
+
 def ship_world_judge(run_dir: Path, command: str) -> Path:
     info = json.loads((Path(run_dir) / "train_info.json").read_text())
-    return ship("world_judge", run_dir, ("model.safetensors",), command, info)
+    return ship("world_judge", run_dir, WORLD_JUDGE_FILES, command, info)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,37 @@ def test_a_demo_partition_on_the_default_profile_draws_recognisable_scenes(tmp_p
     fully_right = sum(verify(JudgeItem(key=k, task="t2i", text=texts[prompt_of[k]], image=image)).fact_share == 1.0
                       for k, image in images.items())
     assert fully_right >= 3, fully_right  # 8 of 24 measured
+
+
+def test_the_default_judges_scores_depend_on_the_image():
+    """zoo:world_judge puts less probability on a top prompt-alignment score for a picture that is not the prompt's
+    scene (all red) than for the scene's render. The first shipped world judge gave both the same distribution to
+    three decimals (its image pathway carried nothing); this one was taught to read scenes first
+    (pipelines/proving_judge.py). Its greedy answers are still all fives on most images: see the README."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from labelers.judge import JudgeItem, build_messages
+    from labelers.rubrics import load_rubric
+    from pipelines.proving_world import render, world_item
+    from pipelines.zoo import resolve_model
+
+    model_dir = resolve_model("zoo:world_judge")  # built from the shipped files on first use
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    digits = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(6)]
+    rubric = load_rubric("t2i")
+
+    def p_top(text, image):
+        chat = build_messages(JudgeItem(key="k", task="t2i", text=text, image=image), rubric)
+        prefix = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        enc = processor(text=[prefix + '{"prompt_alignment": {"score": '], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            return torch.softmax(model(**enc).logits[0, -1, digits], -1)[5].item()
+
+    gaps = []
+    for i in range(8):
+        item = world_item(5_000_011, "t2i", i, max_objects=1)  # a world seed no model trained on
+        gaps.append(p_top(item.text, render(item.scene, 48)) - p_top(item.text, Image.new("RGB", (48, 48), "red")))
+    assert sum(g > 0 for g in gaps) >= 6 and sum(gaps) / len(gaps) >= 0.1, gaps

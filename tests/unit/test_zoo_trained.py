@@ -16,12 +16,15 @@ def shipped(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.safetensors").write_bytes(b"trained weights")
+    (run / "config.json").write_text('{"trained": true}')
+    (run / "processor_config.json").write_text('{"trained": true}')
     (run / "train_info.json").write_text(json.dumps({"eval": {"exact": 0.5}}))
     monkeypatch.setattr(trained, "SHIPPED", ship)
 
     def fake_base(out_dir):
         (out_dir / "model.safetensors").write_bytes(b"random weights")
         (out_dir / "config.json").write_text("{}")
+        (out_dir / "tokenizer.json").write_text("{}")
 
     original = zoo._builder
     monkeypatch.setattr(zoo, "_builder", lambda name: fake_base if name == "judge" else original(name))
@@ -34,7 +37,8 @@ def test_overlay_replaces_the_base_files_and_records_the_manifest(shipped, tmp_p
     out.mkdir()
     info = trained.build_world_judge(out)
     assert (out / "model.safetensors").read_bytes() == b"trained weights"
-    assert (out / "config.json").exists()  # the base build's other files stay
+    assert (out / "config.json").read_text() == '{"trained": true}'
+    assert (out / "tokenizer.json").exists()  # the base build's other files stay
     assert info["trained_by"] == "python -m pipelines.proving_judge --out DIR"
     assert info["eval"] == {"exact": 0.5} and info["manifest_sha256"] == trained.manifest_sha256("world_judge")
 
