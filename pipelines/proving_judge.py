@@ -19,8 +19,10 @@ so the VLM-judge path (``judge.backend: transformers``, grammar-constrained JSON
   and ``pairwise`` (how often it orders two candidates of a prompt as the verifier does; ``pairwise_ties``: how
   often it cannot tell them apart).
 
-``python -m pipelines.proving_judge --out DIR [--threads N]``; ship the result with ``python -m
-pipelines.zoo.trained ship-world-judge DIR COMMAND``.
+``python -m pipelines.proving_judge --out DIR [--threads N]``; ``--init-from DIR --caption-steps 0 --steps N`` goes
+on training a world judge (the shipped one took two commands: see its MANIFEST.json — after the first 1,500 judging
+steps its greedy answers were still all fives on the generator's candidates; 2,000 more made them order). Ship the
+result with ``python -m pipelines.zoo.trained ship-world-judge DIR COMMAND``.
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
                       lr: float = JUDGE_LR, threads: int | None = None, eval_n: int = 64,
                       candidates: str | None = CANDIDATE_MODEL, candidate_prompts: int = 160,
                       candidate_seeds: int = 8, eval_prompts: int = 48, pixels: int = JUDGE_PIXELS,
-                      caption_steps: int = CAPTION_STEPS, log=print) -> dict[str, Any]:
+                      caption_steps: int = CAPTION_STEPS, init_from: str | Path | None = None,
+                      log=print) -> dict[str, Any]:
     """Train the world judge into ``out_dir`` (written in place: the zoo builder owns atomicity): ``caption_steps``
     batches of describing renders, then ``steps`` batches of judging — a quarter still descriptions, the rest half
     renders with one fact broken and half (with ``candidates``) the generator's own candidates."""
@@ -274,14 +277,16 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
     from pipelines.zoo import MARKER, resolve_model
 
     out_dir = Path(out_dir)
-    base = Path(resolve_model("zoo:judge"))
+    base = Path(init_from) if init_from else Path(resolve_model("zoo:judge"))  # a world judge to train on
     shutil.copytree(base, out_dir, dirs_exist_ok=True)
+    (out_dir / "train_info.json").unlink(missing_ok=True)
     (out_dir / MARKER).unlink(missing_ok=True)
     rubric = load_rubric("t2i")
     started = time.time()
     with torch_threads(threads):
-        _set_pixel_budget(out_dir, pixels)
-        _world_judge_config(out_dir)
+        if not init_from:
+            _set_pixel_budget(out_dir, pixels)
+            _world_judge_config(out_dir)
         world = TRAIN_WORLD_OFFSET + seed
         pool: list[tuple[Any, str]] = []
         if candidates:
@@ -329,7 +334,8 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
             held_out = candidate_examples(seed + EVAL_SEED_OFFSET, eval_prompts, 4, candidates, threads)
             candidate_metrics = judge_pairs(str(out_dir), held_out)
             log(f"[world-judge] ... on {len(held_out)} held-out candidates of {candidates}: {candidate_metrics}")
-    info = {"seed": seed, "caption_steps": caption_steps, "steps": steps, "batch": batch, "lr": lr, "pixels": pixels,
+    info = {"init_from": str(init_from) if init_from else None, "seed": seed, "caption_steps": caption_steps,
+            "steps": steps, "batch": batch, "lr": lr, "pixels": pixels,
             "candidates": candidates,
             "candidate_prompts": candidate_prompts if candidates else 0, "candidate_seeds": candidate_seeds,
             "train_seconds": round(train_seconds, 1),
@@ -354,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts (x 4 seeds) of candidates")
     parser.add_argument("--caption-steps", type=int, default=CAPTION_STEPS,
                         help="first steps train on describing renders (teaches reading the image)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a world judge (this command's output) to go on training instead of zoo:judge")
     parser.add_argument("--pixels", type=int, default=JUDGE_PIXELS, help="image side the processor resizes to")
     args = parser.parse_args(argv)
     if args.pixels % 28:
@@ -363,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                              candidates=None if args.candidates == "none" else args.candidates,
                              candidate_prompts=args.candidate_prompts, candidate_seeds=args.candidate_seeds,
                              eval_prompts=args.eval_prompts, pixels=args.pixels,
-                             caption_steps=args.caption_steps, log=lambda m: print(m, flush=True))
+                             caption_steps=args.caption_steps, init_from=args.init_from,
+                             log=lambda m: print(m, flush=True))
     print(json.dumps(info))
     return 0
 

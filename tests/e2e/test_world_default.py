@@ -86,7 +86,7 @@ def test_the_default_judges_scores_depend_on_the_image():
     """zoo:world_judge puts less probability on a top prompt-alignment score for a picture that is not the prompt's
     scene (all red) than for the scene's render. The first shipped world judge gave both the same distribution to
     three decimals (its image pathway carried nothing); this one was taught to read scenes first
-    (pipelines/proving_judge.py). Its greedy answers are still all fives on most images: see the README."""
+    (pipelines/proving_judge.py)."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
