@@ -11,8 +11,9 @@
   over ``zoo:clip``, whose config it shares).
 
 * ``world_judge``: a Qwen2.5-VL judge of zoo:judge's tokenizer and chat template, with its own config (a lower RoPE
-  base, a wider vision tower) and pixel budget, trained to read world scenes and then on the verifier's answers
-  (``python -m pipelines.proving_judge``, ~23 minutes), shipped the same way (``model.safetensors``, ``config.json``
+  base, 4 language-model layers, a wider vision tower) and pixel budget, trained to read world scenes and then on
+  the verifier's answers (two ``python -m pipelines.proving_judge`` commands, ~45 minutes; the exact line is in its
+  MANIFEST.json), shipped the same way (``model.safetensors``, ``config.json``
   and ``processor_config.json`` laid over ``zoo:judge``).
 
 Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge
