@@ -52,9 +52,9 @@ EVAL_SEED_OFFSET = 2_000_003
 # the judge trains on worlds of its own: make prove draws world seed 0 and the demo's samples seeds 1-3, so the
 # judge never sees a prompt (or candidate) it will label there
 TRAIN_WORLD_OFFSET = 1_000
-# the generator whose candidates the judge labels, drawn as the proving and world profiles draw them
+# the generator whose candidates the judge labels, drawn as this profile's t2i generator draws them
 CANDIDATE_MODEL = "zoo:world_gen"
-CANDIDATE_SAMPLING = {"steps": 12, "guidance_scale": 3.0, "width": JUDGE_SIZE, "height": JUDGE_SIZE}
+CANDIDATE_PROFILE = "proving"
 # the image processor's pixel budget: a 48 px image upscaled to 112 px is 8x8 patches of 14 -> 16 tokens after
 # the 2x2 merge (zoo:judge's 56 px budget gives a whole scene 4 tokens)
 JUDGE_PIXELS = 112
@@ -110,11 +110,14 @@ def candidate_examples(seed: int, prompts: int, seeds_per_prompt: int, model: st
     from labelers.verifier import VerifierJudge
     from pipelines.evaluation import eval_requests
     from pipelines.generation import ImageGenerator
+    from pipelines.profiles import load_profile
 
+    sampling = load_profile(CANDIDATE_PROFILE)["generation"]["generators"]["t2i"]
     texts = [{"prompt_id": str(i), "task": "t2i", "text": world_item(seed, "t2i", i, max_objects=1).text}
              for i in range(prompts)]
     requests, rows = eval_requests(texts, seeds_per_prompt, base_seed=seed)
-    generator = ImageGenerator(model=model, kind="t2i", batch_size=16, cpu_threads=threads, **CANDIDATE_SAMPLING)
+    generator = ImageGenerator(model=model, kind="t2i", batch_size=16, cpu_threads=threads,
+                               **{k: sampling[k] for k in ("steps", "guidance_scale", "width", "height")})
     generator.setup()
     try:
         images = generator.generate(requests)
@@ -303,15 +306,16 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         losses = []
         total = caption_steps + steps
+        # a judging batch: a quarter still descriptions, the rest half renders and half candidates
+        n_caption = batch // 4  # a few renders, so reading stays what the answers rest on
+        n_judged = batch - n_caption
+        n_rendered = n_judged - n_judged // 2 if pool else n_judged
         for step in range(total):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 20)
             if step < caption_steps:  # first learn to read the image: describe renders
                 chunk = caption_examples(world, step * batch, batch)
             else:  # then judge renders with one fact broken and the generator's own candidates, still describing
-                n_caption = batch // 4  # a few renders, so reading stays what the answers rest on
-                n_judged = batch - n_caption
-                n_rendered = n_judged - n_judged // 2 if pool else n_judged
                 chunk = (caption_examples(world, step * n_caption, n_caption)
                          + examples(world, step * n_rendered, n_rendered) + order.sample(pool, n_judged - n_rendered))
             enc = _batch(processor, rubric, chunk, torch)
