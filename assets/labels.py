@@ -8,6 +8,9 @@ from assets.candidates import candidate_images
 from pipelines.partitions import prompt_batch_partitions
 from pipelines.resources import ClipResource, JudgeResource, ProfileResource, StorageResource
 
+#: beside a partition's labels when ``checks.verifier_agreement`` is on: ``verifier_agreement``'s answer
+VERIFIER_AGREEMENT_FILE = "verifier_agreement.json"
+
 
 @dg.asset(partitions_def=prompt_batch_partitions, deps=[candidate_images], group_name="labelling",
           kinds={"transformers", "open_clip", "parquet"}, pool="gpu",
@@ -88,9 +91,13 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
         from labelers.diagnostics import verifier_agreement
 
         texts = {r["prompt_id"]: (r["task"], r["text"]) for r in prompts.select("prompt_id", "task", "text").to_dicts()}
+        from pipelines.io import write_json
+
         agreement_v = verifier_agreement(labels, ok_images, texts)
+        write_json(agreement_v, layout.asset_dir("reward_labels", key) / VERIFIER_AGREEMENT_FILE)  # proving_report
         extra["judge_verifier_agreement"] = counts_md(
-            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in agreement_v.items()}, "measure", "value")
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in agreement_v.items() if k != "pair_counts"},
+            "measure", "value")
         extra["verifier_pairwise_reward"] = agreement_v["pairwise_reward"]
         context.log.info(f"agreement with the verifier: {agreement_v}")
     for row in labels.filter(pl.col("status") != "ok").head(10).iter_rows(named=True):

@@ -66,7 +66,9 @@ def proving_report(context: dg.AssetExecutionContext, storage: StorageResource, 
     from assets.training import training_model
     from pipelines.catalog import finished_partitions, load_prompts
     from pipelines.io import write_json, write_parquet
-    from pipelines.proving import (RECIPES, evaluate_weights, plot_curves, prove_line, summary_table)
+    from assets.labels import VERIFIER_AGREEMENT_FILE
+    from pipelines.proving import (RECIPES, evaluate_weights, labels_line, plot_curves, pooled_label_agreement,
+                                   prove_line, summary_table)
     from pipelines.runs import latest_run
 
     layout = storage.layout
@@ -114,17 +116,24 @@ def proving_report(context: dg.AssetExecutionContext, storage: StorageResource, 
                          f"[{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
     table = summary_table(results)
     line = prove_line(results)
+    # how much the labels could teach: without this a flat table cannot tell weak labels from weak trainers
+    label_agreement = pooled_label_agreement([
+        json.loads(path.read_text()) for key in finished_partitions(layout, "prompt_batches", "prompts.parquet")
+        if (path := layout.asset_dir("reward_labels", key) / VERIFIER_AGREEMENT_FILE).exists()])
+    labels = labels_line(label_agreement)
     plot_path = out / "accuracy_vs_steps.png"
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, base["accuracy"], plot_path)
     write_parquet(pl.concat(tables, how="diagonal_relaxed"), out / "images.parquet")
     write_json({"results": results, "curves": curves, "prove": line, "prompts": len(heldout),
-                "seeds_per_prompt": seeds}, out / "report.json")
-    (out / "report.md").write_text(table + "\n\n" + line + "\n")
+                "seeds_per_prompt": seeds, "label_agreement": label_agreement}, out / "report.json")
+    (out / "report.md").write_text(table + "\n\n" + labels + "\n\n" + line + "\n")
+    context.log.info(labels)
     context.log.info(line)
     png = base64.b64encode(plot_path.read_bytes()).decode()
     return dg.MaterializeResult(metadata={
         "prove": line,
+        "labels_vs_verifier": labels,
         "table": dg.MetadataValue.md(table),
         "accuracy_vs_steps": dg.MetadataValue.md(f"![accuracy vs steps](data:image/png;base64,{png})"),
         "plot": path_md(plot_path),

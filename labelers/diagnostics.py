@@ -16,8 +16,8 @@ dimension, ``lambda_harmonic``, ``status``, ...). polars is imported inside the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -228,6 +228,43 @@ __all__ = [
 ]
 
 
+class PairOrder(NamedTuple):
+    """How a score orders the same-group pairs a truth tells apart: ``agree`` of the ``ordered`` ones go the
+    truth's way; ``tied`` more get equal scores (``told_apart`` = ordered + tied; NaN scores count in neither)."""
+
+    agree: int
+    ordered: int
+    tied: int
+    told_apart: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.ordered if self.ordered else None
+
+    @property
+    def tie_rate(self) -> float | None:
+        return self.tied / self.told_apart if self.told_apart else None
+
+
+def pair_order(groups: Iterable[Sequence[tuple[float, float]]]) -> PairOrder:
+    """Compare ``(truth, score)`` items pairwise within each group (the candidates of one prompt): pairs with equal
+    truth are skipped, pairs with equal scores counted as ties."""
+    agree = ordered = tied = told_apart = 0
+    for group in groups:
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                (ta, sa), (tb, sb) = group[i], group[j]
+                if ta == tb or np.isnan(sa) or np.isnan(sb):
+                    continue
+                told_apart += 1
+                if sa == sb:
+                    tied += 1
+                else:
+                    ordered += 1
+                    agree += int((sa > sb) == (ta > tb))
+    return PairOrder(agree, ordered, tied, told_apart)
+
+
 def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
                        prompts: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """How the labels agree with the proving ground's verifier (:mod:`labelers.verifier`) on world prompts.
@@ -236,7 +273,8 @@ def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
     verifier cannot read (not the world's grammar) are skipped and counted. Returns ``exact`` / ``within_1``: the
     share of (candidate, dimension) judge scores equal to / within 1 of the verifier's; ``pairwise_<x>``: the share
     of same-prompt candidate pairs the verifier tells apart (different share of true facts) that ``x`` (``judge``:
-    the mean judge score, ``clip``: CLIP_T, ``reward``: the aggregate reward) orders the same way."""
+    the mean judge score, ``clip``: CLIP_T, ``reward``: the aggregate reward) orders the same way, ties left out;
+    ``pair_counts``: the same as :class:`PairOrder` counts per score."""
     from labelers.judge.protocol import JudgeItem
     from labelers.verifier import PromptParseError, verify
 
@@ -264,28 +302,20 @@ def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
         share = v.fact_share
         rows.append((row["prompt_id"], share, float(np.mean(judged)) if judged else float("nan"),
                      float(row.get("clip_t") or float("nan")), float(row.get("reward") or float("nan"))))
-    pairs = {"judge": [0, 0], "clip": [0, 0], "reward": [0, 0]}
-    by_prompt: dict[str, list[tuple]] = {}
-    for r in rows:
-        by_prompt.setdefault(r[0], []).append(r)
-    for group in by_prompt.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                a, b = group[i], group[j]
-                if a[1] == b[1]:
-                    continue
-                truth = a[1] > b[1]
-                for k, name in ((2, "judge"), (3, "clip"), (4, "reward")):
-                    if np.isnan(a[k]) or np.isnan(b[k]) or a[k] == b[k]:
-                        continue
-                    pairs[name][0] += int((a[k] > b[k]) == truth)
-                    pairs[name][1] += 1
+    orders = {}
+    for k, name in ((2, "judge"), (3, "clip"), (4, "reward")):
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            groups.setdefault(r[0], []).append((r[1], r[k]))
+        orders[name] = pair_order(groups.values())
     return {
         "candidates": len(rows),
         "skipped": skipped,
         "exact": exact / total if total else None,
         "within_1": within / total if total else None,
         "fully_correct": float(np.mean([r[1] == 1.0 for r in rows])) if rows else None,
-        **{f"pairwise_{name}": (agree / n if n else None) for name, (agree, n) in pairs.items()},
-        "pairwise_n": pairs["reward"][1],
+        **{f"pairwise_{name}": order.agreement for name, order in orders.items()},
+        "pairwise_n": orders["reward"].ordered,
+        # counts, so batches can be pooled (proving_report): pairs ordered the verifier's way / ordered / tied
+        "pair_counts": {name: order._asdict() for name, order in orders.items()},
     }

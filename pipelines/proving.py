@@ -135,6 +135,44 @@ def prove_line(results: dict[str, dict[str, Any]]) -> str:
             f"verifier_reward={acc('grpo_verifier')}")
 
 
+def pooled_label_agreement(agreements: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """``reward_labels``' agreement with the verifier (``labelers.diagnostics.verifier_agreement``), pooled over
+    batches: per score (judge, clip, reward) the pairs ordered the verifier's way, ordered, tied, and the rates."""
+    pooled: dict[str, dict[str, int]] = {}
+    candidates = 0
+    for agreement in agreements:
+        candidates += int(agreement.get("candidates") or 0)
+        for name, counts in (agreement.get("pair_counts") or {}).items():
+            into = pooled.setdefault(name, {"agree": 0, "ordered": 0, "tied": 0, "told_apart": 0})
+            for key in into:
+                into[key] += int(counts.get(key, 0))
+    if not pooled:
+        return None
+    out: dict[str, Any] = {"candidates": candidates}
+    for name, c in pooled.items():
+        out[name] = {**c, "agreement": c["agree"] / c["ordered"] if c["ordered"] else None,
+                     "tie_rate": c["tied"] / c["told_apart"] if c["told_apart"] else None}
+    return out
+
+
+def labels_line(pooled: dict[str, Any] | None) -> str:
+    """One sentence on how well the labels could have taught the recipes: the share of same-prompt candidate pairs
+    the verifier tells apart that each label orders its way (50 % is chance)."""
+    if not pooled:
+        return "labels: no agreement with the verifier recorded (checks.verifier_agreement is off)"
+
+    def part(name: str, title: str) -> str:
+        c = pooled.get(name)
+        if not c or c["agreement"] is None:
+            return f"{title} n/a"
+        ties = f", ties {100 * c['tie_rate']:.0f} %" if c["tied"] else ""
+        return f"{title} {100 * c['agreement']:.1f} % of {c['ordered']}{ties}"
+
+    n = max((c["told_apart"] for k, c in pooled.items() if isinstance(c, dict)), default=0)
+    return (f"labels vs the verifier ({pooled['candidates']} candidates, up to {n} same-prompt pairs it tells apart; "
+            f"50 % is chance): {part('judge', 'judge')}; {part('clip', 'CLIP-T')}; {part('reward', 'reward')}")
+
+
 def plot_curves(curves: dict[str, list[tuple[int, float]]], base: float, path, title: str = "") -> None:
     """Accuracy (y, 0..1) against training step (x) per recipe, a dashed line at the base; PNG at ``path``."""
     from PIL import Image, ImageDraw

@@ -185,6 +185,8 @@ def agreement(pairs: list[tuple[Any, str]], results: list[Any]) -> dict[str, Any
     (image, dimension) score; ``correct_accuracy``: it gives every dimension 5 exactly when the verifier finds every
     fact true; ``pairwise``: of the same-prompt image pairs (items sharing a key) the verifier's mean score tells
     apart, the share the judge's mean score orders the same way, ties left out (``pairwise_ties``: the share it ties)."""
+    from labelers.diagnostics import pair_order
+
     exact = within = total = ok = agree_correct = 0
     means: dict[str, list[tuple[float, float]]] = {}
     for (item, answer), res in zip(pairs, results):
@@ -199,22 +201,10 @@ def agreement(pairs: list[tuple[Any, str]], results: list[Any]) -> dict[str, Any
         agree_correct += int(all(v == 5 for v in res.scores.values()) == all(v == 5 for v in truth.values()))
         means.setdefault(item.key, []).append((sum(truth.values()) / len(truth),
                                                sum(float(v) for v in res.scores.values()) / max(1, len(res.scores))))
-    ordered = tied = told_apart = 0
-    for group in means.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                (ta, ja), (tb, jb) = group[i], group[j]
-                if ta == tb:
-                    continue
-                told_apart += 1
-                if ja == jb:
-                    tied += 1
-                else:
-                    ordered += int((ja > jb) == (ta > tb))
+    order = pair_order(means.values())
     return {"n": len(pairs), "ok": ok / max(1, len(pairs)), "exact": exact / max(1, total),
             "within_1": within / max(1, total), "correct_accuracy": agree_correct / max(1, ok),
-            "pairwise": ordered / (told_apart - tied) if told_apart > tied else None,
-            "pairwise_ties": tied / told_apart if told_apart else None, "pairwise_n": told_apart}
+            "pairwise": order.agreement, "pairwise_ties": order.tie_rate, "pairwise_n": order.told_apart}
 
 
 def judge_pairs(model_dir: str, pairs: list[tuple[Any, str]]) -> dict[str, Any]:

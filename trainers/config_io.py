@@ -36,13 +36,45 @@ def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _numeric_kind(hint: Any) -> type | None:
+    """``float`` or ``int`` when a field is typed as that number (or that number or None), else None."""
+    import types
+    import typing
+
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (float, int) else None
+
+
+def _coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a numeric field given a string is converted, or refused by
+    name, instead of failing later inside torch with a type error that names neither."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        kind = _numeric_kind(hints.get(key))
+        if kind is None or not isinstance(value, str):
+            continue
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{cls.__name__}.{key} must be a number, got {value!r}") from None
+        if kind is int and not number.is_integer():
+            raise ValueError(f"{cls.__name__}.{key} must be an integer, got {value!r}")
+        out[key] = int(number) if kind is int else number
+    return out
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build the dataclass ``cls`` from ``data``; unknown keys are an error (catches typos in config files)."""
+    """Build the dataclass ``cls`` from ``data``; unknown keys are an error (catches typos in config files), and
+    numbers written as strings (YAML's ``1e-4``) become numbers."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**data)
+    return cls(**_coerce_numbers(cls, data))
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> C:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +83,22 @@ def profile_path(name_or_path: str) -> Path:
     raise ProfileError(f"unknown profile {name_or_path!r}: not one of {available_profiles()} and not a YAML file")
 
 
-@lru_cache(maxsize=16)
-def _merged(path: str) -> dict[str, Any]:
-    """The profile file with its ``extends:`` chain merged in (sections replace the parent's whole), unvalidated."""
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a profile file, None when it cannot be read: what the profile cache compares."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _merged(path: str, read: list[tuple[str, tuple[int, int] | None]] | None = None) -> dict[str, Any]:
+    """The profile file with its ``extends:`` chain merged in (sections replace the parent's whole), unvalidated;
+    each file's (path, stamp), taken before reading it, is appended to ``read``."""
     import yaml
 
+    if read is not None:
+        read.append((path, _stamp(path)))
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -101,7 +111,7 @@ def _merged(path: str) -> dict[str, Any]:
             raise ProfileError(f"profile {path}: extends must be a profile name or path, got {parent!r}")
         if str(profile_path(parent)) == str(path):
             raise ProfileError(f"profile {path} extends itself")
-        data = {**copy.deepcopy(_merged(str(profile_path(parent)))), **data}
+        data = {**copy.deepcopy(_merged(str(profile_path(parent)), read)), **data}
     return data
 
 
@@ -111,9 +121,25 @@ def problems_message(path: str, problems: list[str]) -> str:
             + "\n".join(f"  {p}" for p in problems))
 
 
-@lru_cache(maxsize=16)
+#: path -> (the (file, stamp) pairs of its extends chain, the resolved profile); a long-lived process (the code
+#: server that evaluates sensors) sees an edited profile, or an edited parent, on its next load
+_LOADED: dict[str, tuple[tuple[tuple[str, tuple[int, int] | None], ...], dict[str, Any]]] = {}
+
+
 def _load(path: str) -> dict[str, Any]:
-    data = _merged(path)
+    cached = _LOADED.get(path)
+    if cached is not None and all(_stamp(f) == stamp for f, stamp in cached[0]):
+        return cached[1]
+    read: list[tuple[str, tuple[int, int] | None]] = []
+    resolved = _resolve_file(path, read)
+    if len(_LOADED) >= 32:
+        _LOADED.clear()
+    _LOADED[path] = (tuple(read), resolved)
+    return resolved
+
+
+def _resolve_file(path: str, read: list[tuple[str, tuple[int, int] | None]]) -> dict[str, Any]:
+    data = _merged(path, read)
     missing = [s for s in REQUIRED_SECTIONS if s not in data]
     if missing:
         raise ProfileError(f"profile {path} lacks sections {missing}")

@@ -144,3 +144,18 @@ def test_diagnostics_markdown_skips_empty_dimensions_and_verdicts():
     empty = labels([])
     md = diagnostics_markdown(empty, DIMS)
     assert "| parse errors | n/a of 0 judged |" in md and "| quality |" not in md
+
+
+def test_pair_order_counts_agreement_ties_and_skips_equal_truth_and_nan():
+    from labelers.diagnostics import pair_order
+
+    nan = float("nan")
+    order = pair_order([
+        [(1.0, 0.9), (0.5, 0.2), (0.5, 0.8)],  # truth-tied pair skipped; 0.9>0.2 agrees, 0.9>0.8 agrees
+        [(1.0, 0.3), (0.0, 0.3)],              # told apart, scores tied
+        [(1.0, 0.1), (0.0, 0.6)],              # ordered the wrong way
+        [(1.0, nan), (0.0, 0.6)],              # no score: counted nowhere
+    ])
+    assert order == (2, 3, 1, 4)
+    assert order.agreement == 2 / 3 and order.tie_rate == 1 / 4
+    assert pair_order([]).agreement is None and pair_order([]).tie_rate is None

@@ -31,6 +31,31 @@ def test_load_profile_returns_a_fresh_copy():
     assert load_profile("tiny")["judge"]["batch_size"] != -1
 
 
+def test_an_edited_profile_or_parent_is_read_again(tmp_path):
+    """A long-lived process (the code server evaluating sensors) loads profiles many times: an edit to the file or
+    to the file it extends is seen on the next load, an unchanged one is served from the cache."""
+    import os
+
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text("extends: tiny\nname: parent\nautomation: {min_new_samples: 16}\n")
+    child.write_text(f"extends: {parent}\nname: child\n")
+    assert load_profile(str(child))["automation"]["min_new_samples"] == 16
+    assert load_profile(str(child)) == load_profile(str(child))
+
+    def rewrite(path, text):
+        before = path.stat().st_mtime_ns
+        path.write_text(text)
+        os.utime(path, ns=(before + 10**9, before + 10**9))  # a coarse file-system clock must still see an edit
+
+    rewrite(parent, "extends: tiny\nname: parent\nautomation: {min_new_samples: 64}\n")
+    assert load_profile(str(child))["automation"]["min_new_samples"] == 64
+    rewrite(child, f"extends: {parent}\nname: child\nautomation: {{min_new_samples: 8}}\n")
+    assert load_profile(str(child))["automation"]["min_new_samples"] == 8
+    rewrite(child, "name: child\njudge: {}\n")
+    with pytest.raises(ProfileError, match="lacks sections"):
+        load_profile(str(child))
+
+
 @pytest.mark.parametrize("name", available_profiles())
 def test_every_profiles_training_settings_are_trainer_fields(name):
     """Each trainer section of each bundled profile builds its config dataclass (unknown keys are errors)."""

@@ -106,7 +106,30 @@ def test_verifier_agreement_scores_labels_that_follow_the_verifier_above_ones_th
     assert out["candidates"] == 12 and out["skipped"] == 0
     assert out["pairwise_judge"] == 1.0 and out["pairwise_clip"] == 1.0 and out["pairwise_reward"] == 0.0
     assert out["pairwise_n"] == 6 and out["fully_correct"] == 0.5
+    assert out["pair_counts"]["reward"] == {"agree": 0, "ordered": 6, "tied": 0, "told_apart": 6}
     assert 0.0 < out["exact"] <= 1.0 and out["within_1"] >= out["exact"]
     # a prompt outside the world's grammar is skipped, not an error
     prompts["p0"] = ("t2i", "a photo of a cat")
     assert verifier_agreement(labels, images, prompts)["skipped"] == 2
+
+
+def test_label_agreement_pools_batches_by_counts_and_reads_as_one_line():
+    from pipelines.proving import labels_line, pooled_label_agreement
+
+    def batch(candidates, judge, clip, reward):
+        def counts(agree, ordered, tied):
+            return {"agree": agree, "ordered": ordered, "tied": tied, "told_apart": ordered + tied}
+        return {"candidates": candidates, "pair_counts": {"judge": counts(*judge), "clip": counts(*clip),
+                                                          "reward": counts(*reward)}}
+
+    pooled = pooled_label_agreement([batch(8, (1, 2, 6), (3, 8, 0), (4, 8, 0)),
+                                     batch(24, (9, 10, 20), (10, 30, 0), (27, 30, 0))])
+    assert pooled["candidates"] == 32
+    assert pooled["judge"]["agreement"] == 10 / 12 and pooled["judge"]["tie_rate"] == 26 / 38
+    assert pooled["clip"]["agreement"] == 13 / 38  # pooled by counts, not the mean of the batches' rates
+    line = labels_line(pooled)
+    assert line.startswith("labels vs the verifier (32 candidates, up to 38 same-prompt pairs")
+    assert "judge 83.3 % of 12, ties 68 %" in line and "CLIP-T 34.2 % of 38;" in line
+    assert "reward 81.6 % of 38" in line
+    assert pooled_label_agreement([{"candidates": 3}]) is None  # written before pair counts existed
+    assert "off" in labels_line(None)
