@@ -89,10 +89,9 @@ def reward_labels(context: dg.AssetExecutionContext, storage: StorageResource, p
     extra: dict = {}
     if checks.verifier_agreement:  # the proving ground: how the judge and CLIP agree with the verifier
         from labelers.diagnostics import verifier_agreement
-
-        texts = {r["prompt_id"]: (r["task"], r["text"]) for r in prompts.select("prompt_id", "task", "text").to_dicts()}
         from pipelines.io import write_json
 
+        texts = {r["prompt_id"]: (r["task"], r["text"]) for r in prompts.select("prompt_id", "task", "text").to_dicts()}
         agreement_v = verifier_agreement(labels, ok_images, texts)
         write_json(agreement_v, layout.asset_dir("reward_labels", key) / VERIFIER_AGREEMENT_FILE)  # proving_report
         extra["judge_verifier_agreement"] = counts_md(

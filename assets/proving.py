@@ -62,11 +62,11 @@ def proving_report(context: dg.AssetExecutionContext, storage: StorageResource, 
 
     import polars as pl
 
+    from assets.labels import VERIFIER_AGREEMENT_FILE
     from assets.pool import RL_TASKS
     from assets.training import training_model
     from pipelines.catalog import finished_partitions, load_prompts
     from pipelines.io import write_json, write_parquet
-    from assets.labels import VERIFIER_AGREEMENT_FILE
     from pipelines.proving import (RECIPES, evaluate_weights, labels_line, plot_curves, pooled_label_agreement,
                                    prove_line, summary_table)
     from pipelines.runs import latest_run

@@ -223,8 +223,9 @@ def diagnostics_markdown(labels: pl.DataFrame, dimensions: Sequence[str] | None 
 
 
 __all__ = [
-    "SCORES", "diagnostics_markdown", "judge_clip_agreement", "label_dimensions", "parse_error_rate",
-    "position_bias_counts", "position_bias_rate", "score_histograms", "status_counts",
+    "SCORES", "PairOrder", "diagnostics_markdown", "judge_clip_agreement", "label_dimensions", "pair_order",
+    "parse_error_rate", "position_bias_counts", "position_bias_rate", "score_histograms", "status_counts",
+    "verifier_agreement",
 ]
 
 

@@ -370,6 +370,9 @@ class _Trainer(_Section):
     resolution: PositiveInt = Field(64, description="training resolution (absent: the t2i generator's width)")
     lora_rank: PositiveInt = Field(4, description="LoRA rank")
     lora_alpha: float | None = Field(None, description="LoRA alpha (absent: = lora_rank, scale 1)")
+    lora_target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="module names the LoRA wraps, e.g. [to_q, to_k, to_v, to_out.0, "
+                                        "ff.net.0.proj] (absent: the model family's attention projections)")
     learning_rate: Annotated[float, Field(gt=0.0)] = Field(1e-4, description="AdamW learning rate")
     lr_warmup_steps: NonNegInt = Field(0, description="linear warm-up steps")
     adam_weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.0, description="AdamW weight decay")

@@ -51,6 +51,7 @@ from trainers.lora import (  # noqa: F401 - the LoRA helpers trainers reach as `
     load_lora_into,
     load_module_into,
     lora_parameters,
+    lora_targets,
     reference_mode,
     save_lora,
     save_module,
@@ -447,7 +448,7 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
     family.to(accelerator.device, None if weight_dtype == torch.float32 else weight_dtype)
     unet = family.denoiser  # the trained module: a UNet or a transformer (the name is historical)
     lora = setup_lora(unet, cfg.lora_rank, getattr(cfg, "lora_alpha", None), getattr(cfg, "init_adapter", None),
-                      cfg.seed, target_modules=family.lora_target_modules, family=family)
+                      cfg.seed, target_modules=lora_targets(cfg, family), family=family)
     lora["family"] = family.name
     lora["pipeline_class"] = family.pipeline_class
     params = lora_parameters(unet)

@@ -15,6 +15,9 @@ class LoRATrainingConfig:
     resolution: int = 64
     lora_rank: int = 4
     lora_alpha: float | None = None  # None -> = lora_rank (scale 1)
+    # module names the adapter wraps (peft's suffix match, e.g. "to_q" or "ff.net.0.proj"); None: the family's
+    # attention projections. A name that matches nothing in the model is refused before training.
+    lora_target_modules: list[str] | None = None
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 0.0

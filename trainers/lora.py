@@ -177,6 +177,25 @@ def load_module_into(module, directory: str | os.PathLike, name: str) -> None:
     module.load_state_dict(load_file(str(path)), strict=True)
 
 
+def lora_targets(cfg: Any, family: Any) -> list[str]:
+    """The modules a run's adapter wraps: the config's ``lora_target_modules``, else the family's."""
+    return list(getattr(cfg, "lora_target_modules", None) or family.lora_target_modules)
+
+
+def check_lora_targets(model, target_modules: Sequence[str]) -> None:
+    """Refuse target names that match no module of ``model`` (peft's rule: the full name or its dotted suffix),
+    naming them and the model's linear layers, before anything trains."""
+    import torch
+
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.split(".", 2)[-1] if n.count(".") >= 2 else n for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"lora_target_modules {unmatched} match no module of {type(model).__name__}; its linear "
+                         f"layers (block prefix dropped): {linear[:40]}")
+
+
 def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,
                target_modules: Sequence[str] = LORA_TARGET_MODULES, family: Any = None) -> dict[str, Any]:
     """Add the trainable adapter; with ``init_adapter`` its rank/alpha/targets and weights come from that adapter and
@@ -195,12 +214,14 @@ def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, s
                      init_adapter, r, a, rank)
         rank, alpha = r, a
         target_modules = targets or target_modules
+        check_lora_targets(unet, target_modules)
         add_lora(unet, rank, alpha, target_modules, adapter_name=REFERENCE_ADAPTER)
         load_lora_into(unet, init_adapter, REFERENCE_ADAPTER, family)
         add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
         load_lora_into(unet, init_adapter, TRAIN_ADAPTER, family)
         reference = "init_adapter"
     else:
+        check_lora_targets(unet, target_modules)
         add_lora(unet, rank, alpha, target_modules, adapter_name=TRAIN_ADAPTER)
     unet.set_adapter(TRAIN_ADAPTER)
     for n, p in unet.named_parameters():

@@ -202,6 +202,28 @@ def test_sft_trains_saves_and_resumes(tiny_model, sft_corpus, tmp_path):
         train(SFTConfig(**{**cfg6.__dict__, "max_steps": 7, "learning_rate": 5e-4}))
 
 
+def test_lora_target_modules_reach_the_feed_forward_and_reload_in_diffusers(tiny_model, sft_corpus, tmp_path):
+    """``lora_target_modules`` widens the adapter beyond the family's attention projections; diffusers' own loader
+    takes the wider adapter; a name that matches no module is refused before training, naming it."""
+    from safetensors import safe_open
+
+    from trainers.sft import SFTConfig, train
+
+    out = tmp_path / "wide"
+    train(SFTConfig(pretrained_model=tiny_model, corpus_dir=sft_corpus, output_dir=str(out), max_steps=2,
+                    batch_size=2, resolution=32, checkpoint_every=2, learning_rate=1e-3,
+                    lora_target_modules=["to_q", "to_v", "ff.net.0.proj"]))
+    with safe_open(str(out / "adapter" / "pytorch_lora_weights.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert any(".ff.net.0.proj.lora" in k for k in keys) and any(".to_q.lora" in k for k in keys)
+    assert not any("to_k.lora" in k or "to_out" in k for k in keys)  # only what was asked
+    _assert_adapter_reloads(tiny_model, out / "adapter")
+
+    with pytest.raises(ValueError, match=r"lora_target_modules \['ff_typo'\] match no module"):
+        train(SFTConfig(pretrained_model=tiny_model, corpus_dir=sft_corpus, output_dir=str(tmp_path / "bad"),
+                        max_steps=1, batch_size=2, resolution=32, lora_target_modules=["to_q", "ff_typo"]))
+
+
 # --------------------------------------------------------------------------------------------- DPO
 def test_dpo_trains_from_sft_adapter(tiny_model, pref_corpus, sft_corpus, tmp_path):
     from trainers.dpo import DPOConfig, train

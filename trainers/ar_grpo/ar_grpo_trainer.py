@@ -171,7 +171,7 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
     family.to(device, weight_dtype)
     model = family.denoiser
     lora = common.setup_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.init_adapter, cfg.seed,
-                             target_modules=family.lora_target_modules, family=family)
+                             target_modules=common.lora_targets(cfg, family), family=family)
     params = common.lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     moments_holder = _MomentsHolder()
