@@ -190,10 +190,13 @@ def check_lora_targets(model, target_modules: Sequence[str]) -> None:
     names = [n for n, _ in model.named_modules()]
     unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        linear = sorted({n.split(".", 2)[-1] if n.count(".") >= 2 else n for n, m in model.named_modules()
+        import re
+
+        # what a user would type: the name inside its block ("ff.net.0.proj", "attn.to_q"), block path dropped
+        linear = sorted({re.sub(r"^.*(?:blocks|layers)\.\d+\.", "", n) for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"lora_target_modules {unmatched} match no module of {type(model).__name__}; its linear "
-                         f"layers (block prefix dropped): {linear[:40]}")
+                         f"layers, inside their blocks: {linear[:40]}")
 
 
 def setup_lora(unet, rank: int, alpha: float | None, init_adapter: str | None, seed: int,

@@ -219,9 +219,10 @@ def test_lora_target_modules_reach_the_feed_forward_and_reload_in_diffusers(tiny
     assert not any("to_k.lora" in k or "to_out" in k for k in keys)  # only what was asked
     _assert_adapter_reloads(tiny_model, out / "adapter")
 
-    with pytest.raises(ValueError, match=r"lora_target_modules \['ff_typo'\] match no module"):
+    with pytest.raises(ValueError, match=r"lora_target_modules \['ff_typo'\] match no module") as refused:
         train(SFTConfig(pretrained_model=tiny_model, corpus_dir=sft_corpus, output_dir=str(tmp_path / "bad"),
                         max_steps=1, batch_size=2, resolution=32, lora_target_modules=["to_q", "ff_typo"]))
+    assert "'ff.net.0.proj'" in str(refused.value)  # the names it could have used, as they would be typed
 
 
 # --------------------------------------------------------------------------------------------- DPO
