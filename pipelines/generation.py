@@ -95,6 +95,7 @@ class ImageGenerator:
         self._family: Any = None
         self._native = False  # True when the family samples itself (flow matching), see setup()
         self._ar = False  # True for an autoregressive family (Janus): VQ tokens sampled by the family, see setup()
+        self._resize_reported: set[tuple[int, int]] = set()
         self._call_params: frozenset[str] = frozenset()
         self._lora: dict[str, str] | None = None
 
@@ -247,8 +248,7 @@ class ImageGenerator:
             return self._generate_native(batch)
         if self._ar:
             images = self.family.generate([r.text for r in batch], [r.seed for r in batch], self.guidance_scale)
-            return [im if im.size == (self.width, self.height) else im.resize((self.width, self.height))
-                    for im in images]
+            return self._to_requested_size(images)
         pipe = self.pipeline
         # Noise is drawn on the CPU from a CPU generator: identical initial latents on every device.
         generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in batch]
@@ -273,7 +273,17 @@ class ImageGenerator:
         images = [im.convert("RGB") for im in out.images]
         if len(images) != len(batch):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(batch)} requests")
-        return [im if im.size == (self.width, self.height) else im.resize((self.width, self.height)) for im in images]
+        return self._to_requested_size(images)
+
+    def _to_requested_size(self, images: list["PIL.Image.Image"]) -> list["PIL.Image.Image"]:
+        """Images at the profile's width x height. A model that draws another size (Janus' fixed VQ grid, a
+        pipeline without width/height arguments) is resized, and said once per size, not silently."""
+        wanted = (self.width, self.height)
+        for size in {im.size for im in images} - {wanted} - self._resize_reported:
+            self._resize_reported.add(size)
+            logger.warning("%s draws %dx%d images; resized to the requested %dx%d (set the generator's width and "
+                           "height to the model's size to avoid it)", self.model, size[0], size[1], *wanted)
+        return [im if im.size == wanted else im.resize(wanted) for im in images]
 
     def _generate_native(self, batch: list[GenerationRequest]) -> list["PIL.Image.Image"]:
         import torch

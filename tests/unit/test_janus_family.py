@@ -67,3 +67,16 @@ def test_image_generator_generates_janus_candidates_seeded_and_batched():
     assert not np.array_equal(np.asarray(no_cfg.generate(reqs[:1])[0]), arrays[0])
     with pytest.raises(ValueError, match="text only"):
         ImageGenerator("zoo:janus", kind="edit").setup()
+
+
+def test_a_size_the_model_cannot_draw_is_resized_and_said_once(caplog):
+    from pipelines.generation import GenerationRequest, ImageGenerator
+
+    reqs = [GenerationRequest(key=f"k{i}", text="a red cube", seed=i) for i in range(3)]
+    gen = ImageGenerator("zoo:janus", guidance_scale=1.0, batch_size=2, cpu_threads=1, width=48, height=48)
+    with caplog.at_level("WARNING", logger="pipelines.generation"):
+        images = gen.generate(reqs)  # two batches
+    assert [im.size for im in images] == [(48, 48)] * 3
+    said = [r.getMessage() for r in caplog.records if "resized to the requested" in r.getMessage()]
+    assert said == ["zoo:janus draws 64x64 images; resized to the requested 48x48 (set the generator's width and "
+                    "height to the model's size to avoid it)"]
