@@ -303,12 +303,11 @@ def verifier_agreement(labels: pl.DataFrame, images: dict[str, Any],
         share = v.fact_share
         rows.append((row["prompt_id"], share, float(np.mean(judged)) if judged else float("nan"),
                      float(row.get("clip_t") or float("nan")), float(row.get("reward") or float("nan"))))
-    orders = {}
-    for k, name in ((2, "judge"), (3, "clip"), (4, "reward")):
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            groups.setdefault(r[0], []).append((r[1], r[k]))
-        orders[name] = pair_order(groups.values())
+    by_prompt: dict[str, list[tuple]] = {}
+    for r in rows:
+        by_prompt.setdefault(r[0], []).append(r)
+    orders = {name: pair_order([[(r[1], r[k]) for r in group] for group in by_prompt.values()])
+              for k, name in ((2, "judge"), (3, "clip"), (4, "reward"))}
     return {
         "candidates": len(rows),
         "skipped": skipped,

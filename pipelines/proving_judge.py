@@ -157,7 +157,6 @@ def _messages(item, rubric) -> list[dict]:
     from labelers.judge import build_messages
     from labelers.judge.protocol import image_part, text_part
 
-
     if item.task == "caption":  # the only way to the answer is through the image
         return [{"role": "user", "content": [image_part(item.image), text_part(item.text)]}]
     return build_messages(item, rubric)
