@@ -32,6 +32,13 @@ held-out prompts, ODE sampling, CFG 3)::
 
     python -m pipelines.proving_train generator --out DIR [--seed 0] [--steps N] [--minutes M] [--heads H]
 
+``learnability``: fine-tune a saved world generator (all transformer weights) on the ground truth of a few world
+prompts only and grade those prompts, and optionally as many others it never trained on, before and after: can
+the generator learn its own world, and does what it learns carry over to prompts it did not see (what the proving
+ground grades)? ::
+
+    python -m pipelines.proving_train learnability --out DIR [--model zoo:world_gen] [--prompts 4] [--heldout 32]
+
 One module (over ~500 lines) on purpose: the world CLIP and generator trainers share the world's data, pixels
 and evaluation helpers and one CLI; the seam to split along, if it grows, is clip vs generator.
 """
@@ -46,13 +53,14 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from labelers.verifier import OBJECT_COLOURS, SHAPES, SIZES, T2ISpec, t2i_text
 from pipelines.io import atomic_dir
-from pipelines.proving_world import Obj, Scene, _background, render, world_item
+from pipelines.proving_world import Obj, Scene, WorldItem, _background, render, world_item
 
 DEFAULT_STEPS = 600
 DEFAULT_BATCH = 64
@@ -460,14 +468,19 @@ def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: 
 
 def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = GEN_IMAGE_SIZE,
                        steps: int = GEN_SAMPLE_STEPS, guidance: float = 1.0, batch: int = 32,
-                       max_objects: int = GEN_MAX_OBJECTS) -> dict[str, Any]:
+                       max_objects: int = GEN_MAX_OBJECTS, items: Sequence[WorldItem] | None = None,
+                       repeats: int = 1) -> dict[str, Any]:
     """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out t2i prompts of the world of ``seed +
-    EVAL_SEED_OFFSET`` and check each image's facts with the verifier: ``correct`` — share of prompts with every fact
-    passed; ``facts`` — mean share of facts passed per prompt."""
+    EVAL_SEED_OFFSET`` (or for the given ``items``, each ``repeats`` times from different noise) and check each image's
+    facts with the verifier: ``correct`` — share of images with every fact passed; ``facts`` — mean share of facts
+    passed per image."""
     import torch
 
     eval_seed = seed + EVAL_SEED_OFFSET
-    items = [world_item(eval_seed, "t2i", i, max_objects) for i in range(n)]
+    if items is None:
+        items = [world_item(eval_seed, "t2i", i, max_objects) for i in range(n)]
+    items = [it for it in items for _ in range(repeats)]
+    n = len(items)
     correct, facts = 0.0, 0.0
     for start in range(0, n, batch):
         part = items[start:start + batch]
@@ -525,6 +538,9 @@ def train_world_generator(
     snapshot: bool = False,
     colour_confusion: float = 0.0,
     background_confusion: float = 0.0,
+    train_items: Sequence[WorldItem] | None = None,
+    eval_items: Sequence[WorldItem] | None = None,
+    eval_repeats: int = 1,
     threads: int | None = 1,
     log_every: int = 25,
     log=print,
@@ -539,7 +555,8 @@ def train_world_generator(
     ``train_text=False``. ``colour_confusion`` is the share of training scenes drawn with each object in its
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
     flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
-    :data:`CONFUSED_BACKGROUND`."""
+    :data:`CONFUSED_BACKGROUND`. ``train_items`` replaces the fresh scenes by these items, cycled;
+    ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`)."""
     for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
         if not 0.0 <= share < 1.0:
             raise ValueError(f"{name} {share} outside [0, 1)")
@@ -611,7 +628,8 @@ def train_world_generator(
                        "train_seconds": round(time.time() - train_start - eval_spent, 1) if done else 0.0}
                 for g in eval_guidance:
                     row[f"cfg{g:g}"] = evaluate_generator(family, seed, eval_n, image_size, guidance=g,
-                                                          max_objects=max_objects)
+                                                          max_objects=max_objects, items=eval_items,
+                                                          repeats=eval_repeats)
                 evals.append(row)
                 log(f"[world-gen] eval {label} step {done}: " + " | ".join(
                     f"cfg {g:g}: correct {row[f'cfg{g:g}']['correct']:.3f} facts {row[f'cfg{g:g}']['facts']:.3f}"
@@ -657,7 +675,8 @@ def train_world_generator(
                 if minutes is not None and trained_for > minutes * 60:
                     log(f"[world-gen] time budget of {minutes} min reached after {step} steps")
                     break
-                items = [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)]
+                items = ([train_items[(step * batch + j) % len(train_items)] for j in range(batch)] if train_items
+                         else [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)])
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
                 scenes = [_confused(it.scene) if colour_confusion and confuse_rng.random() < colour_confusion
                           else it.scene for it in items]
@@ -725,6 +744,7 @@ def train_world_generator(
             "stop_at_correct": stop_at_correct,
             "colour_confusion": colour_confusion,
             "background_confusion": background_confusion,
+            "train_items": [it.text for it in train_items] if train_items else None,
             "text_tokens": text_tokens,
             "vae": vae_info,
             "train_seconds": round(train_seconds, 1),
@@ -734,6 +754,52 @@ def train_world_generator(
         }
         marker["build_seconds"] = round(time.time() - started, 1)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+LEARN_SEED_OFFSET = 2_000_003  # learnability prompts come from a world seed neither training nor evaluation uses
+
+
+def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed: int = 0, steps: int = 150,
+                 batch: int = 32, lr: float = 5e-4, repeats: int = 16, guidance: float = GEN_GUIDANCE,
+                 max_objects: int = 1, plain: bool = True, train_text: bool = False, heldout: int = 0,
+                 threads: int | None = 1, log=print) -> dict[str, Any]:
+    """Can this generator learn its own ground truth? Fine-tune all of ``model``'s transformer weights (a saved
+    world generator: the pipeline directory, or ``zoo:world_gen``) on the rendered ground truth of ``prompts`` world
+    prompts only, for ``steps`` steps of ``batch`` (each prompt seen ``steps * batch / prompts`` times), and measure
+    the verifier's accuracy on those same prompts (``repeats`` noises each, ODE, CFG ``guidance``) before and after;
+    with ``heldout`` > 0 also on that many other prompts of the same world seed, which it never trained on (what the
+    proving ground grades: whether the skill generalises, not whether the prompts were memorised).
+
+    A generator the proving ground's recipes can lift should pass this easily, on the unseen prompts too: the
+    recipes train a LoRA for ~160 steps on the generator's own, imperfect samples and are graded on prompts they
+    never trained on. Returns the training marker with ``before`` / ``after`` (and ``heldout_before`` / ``heldout_after``)
+    added; the tuned pipeline is saved in ``out_dir``."""
+    from labelers.torch_compat import torch_threads
+    from pipelines.zoo import resolve_model
+    from trainers.families import load_family
+
+    model_dir = Path(resolve_model(str(model)))
+    tokenizer_cfg = json.loads((model_dir / "tokenizer_2" / "tokenizer_config.json").read_text())
+    world = [world_item(seed + LEARN_SEED_OFFSET, "t2i", i, max_objects, plain) for i in range(prompts + heldout)]
+    items, others = world[:prompts], world[prompts:]
+
+    def heldout_accuracy(path: Path) -> dict[str, Any]:
+        with torch_threads(threads):
+            return evaluate_generator(load_family(str(path)), seed, guidance=guidance, items=others,
+                                      repeats=repeats)
+
+    before_heldout = heldout_accuracy(model_dir) if others else None
+    marker = train_world_generator(out_dir, seed=seed, steps=steps, batch=batch, lr=lr, vae_from=model_dir / "vae",
+                                   init_from=model_dir, text_tokens=int(tokenizer_cfg["model_max_length"]),
+                                   max_objects=max_objects, plain=plain, train_text=train_text, ema_decay=None,
+                                   lr_decay=False, eval_every=0, eval_guidance=(guidance,), train_items=items,
+                                   eval_items=items, eval_repeats=repeats, threads=threads, log=log)
+    key = f"cfg{guidance:g}"
+    marker["before"], marker["after"] = marker["eval_curve"][0][key], marker["eval_curve"][-1][key]
+    marker["prompts"] = [it.text for it in items]
+    if others:
+        marker["heldout_before"], marker["heldout_after"] = before_heldout, heldout_accuracy(Path(out_dir))
     return marker
 
 
@@ -783,7 +849,33 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--background-confusion", type=float, default=0.0,
                    help="share of training scenes drawn on a partner background colour (the prompt unchanged)")
     g.add_argument("--threads", type=int, default=1)
+    lt = sub.add_parser("learnability", help="can a world generator learn a few prompts' ground truth? (before/after)")
+    lt.add_argument("--model", default="zoo:world_gen", help="a saved world generator pipeline (default zoo:world_gen)")
+    lt.add_argument("--out", required=True, type=Path, help="where the tuned pipeline goes")
+    lt.add_argument("--prompts", type=int, default=4)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--steps", type=int, default=150)
+    lt.add_argument("--batch", type=int, default=32)
+    lt.add_argument("--lr", type=float, default=5e-4)
+    lt.add_argument("--repeats", type=int, default=16, help="noises per prompt in the before/after evaluation")
+    lt.add_argument("--train-text", action="store_true", help="also train both text encoders")
+    lt.add_argument("--heldout", type=int, default=0, help="also grade this many prompts it does not train on")
+    lt.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.cmd == "learnability":
+        marker = learnability(args.model, args.out, prompts=args.prompts, seed=args.seed, steps=args.steps,
+                              batch=args.batch, lr=args.lr, repeats=args.repeats, train_text=args.train_text,
+                              heldout=args.heldout, threads=args.threads, log=lambda m: print(m, flush=True))
+        b, a = marker["before"], marker["after"]
+        line = (f"learnability: {args.prompts} prompts x {args.repeats} noises, {marker['steps']} steps of "
+                f"{args.batch}: correct {b['correct']:.3f} -> {a['correct']:.3f}, facts {b['facts']:.3f} -> "
+                f"{a['facts']:.3f}")
+        if "heldout_after" in marker:
+            hb, ha = marker["heldout_before"], marker["heldout_after"]
+            line += (f"; {args.heldout} prompts it did not train on: correct {hb['correct']:.3f} -> "
+                     f"{ha['correct']:.3f}, facts {hb['facts']:.3f} -> {ha['facts']:.3f}")
+        print(line, flush=True)
+        return 0
     if args.cmd == "generator":
         marker = train_world_generator(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                                        image_size=args.image_size, lr=args.lr, minutes=args.minutes,

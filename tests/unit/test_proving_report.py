@@ -77,11 +77,14 @@ def test_grpo_verifier_reward_is_the_share_of_true_facts(monkeypatch):
     rows = [{"task": "t2i", "text": it.text} for it in items]
     images = [render(items[0].scene, 48), Image.new("RGB", (48, 48), (25, 25, 25)), render(items[2].scene, 48)]
     monkeypatch.setattr(ClipReward, "__call__", lambda self, imgs, rs: {"reward": [0.0] * len(imgs),
-                                                                        "lambda_harmonic": [0.1] * len(imgs)})
+                                                                        "lambda_harmonic": [0.1] * len(imgs),
+                                                                        "raw_sim": [0.3] * len(imgs)})
     out = VerifierReward(GRPOConfig(reward="verifier"))(images, rows)
     assert out["reward"][0] == 1.0 and out["reward"][2] == 1.0
     assert 0.0 <= out["reward"][1] < 1.0
     assert out["lambda_harmonic"] == [0.1] * 3  # the CLIP pieces stay CLIP's
+    # DAR's easiness follows the reward being optimised: the all-true drawings are easy, the blank one hard
+    assert out["raw_sim"] == out["reward"] and out["clip_raw_sim"] == [0.3] * 3
 
 
 def test_verifier_agreement_scores_labels_that_follow_the_verifier_above_ones_that_invert_it():

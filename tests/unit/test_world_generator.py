@@ -66,3 +66,33 @@ def test_confusion_outside_zero_to_one_is_refused(tmp_path):
         with pytest.raises(ValueError, match=name):
             train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, **{name: 1.0})
         assert not (tmp_path / "gen").exists()
+
+
+def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones_before_and_after(
+        tmp_path, one_torch_thread, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import pipelines.proving_train as proving_train
+    from pipelines.zoo import resolve_model
+
+    seen = []
+    real_pixels = proving_train._scene_pixels
+
+    def recording_pixels(scenes, size, torch_module):
+        seen.extend(scenes)
+        return real_pixels(scenes, size, torch_module)
+
+    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
+    out = tmp_path / "tuned"
+    marker = proving_train.learnability("zoo:world_gen", out, prompts=2, steps=2, batch=4, repeats=1, heldout=1,
+                                        log=lambda m: None)
+    world = [proving_train.world_item(proving_train.LEARN_SEED_OFFSET, "t2i", i, 1, True) for i in range(3)]
+    assert marker["prompts"] == marker["train_items"] == [it.text for it in world[:2]]
+    assert len(seen) == 2 * 4 and {s for s in seen} == {it.scene for it in world[:2]}  # never the unseen prompt
+    assert marker["before"]["n"] == marker["after"]["n"] == 2
+    assert marker["heldout_before"]["n"] == marker["heldout_after"]["n"] == 1
+    assert marker["steps"] == 2 and marker["ema_decay"] is None
+    base = load_file(Path(resolve_model("zoo:world_gen")) / "transformer" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)  # all weights train, from the given generator

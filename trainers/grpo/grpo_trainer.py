@@ -110,7 +110,10 @@ class ClipReward:
 class VerifierReward(ClipReward):
     """``reward``: the share of the prompt's facts that the proving ground's verifier finds true in the image
     (:mod:`labelers.verifier`); the CLIP pieces (``lambda_harmonic``, ``clip_t``, ...) are computed as
-    :class:`ClipReward` does, so held-out selection and the logged curves mean the same as with the CLIP reward."""
+    :class:`ClipReward` does, so held-out selection and the logged curves mean the same as with the CLIP reward.
+    ``raw_sim``, DAR's easiness input, is the verifier's share too: DyRef weights a group by how hard its prompt is
+    under the reward being optimised, and CLIP's similarity says nothing about that here (it orders the
+    generator's candidates at chance). CLIP's own raw similarity stays in ``clip_raw_sim``."""
 
     def __call__(self, images: list, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         from PIL import Image
@@ -130,6 +133,9 @@ class VerifierReward(ClipReward):
             shares.append(verify(item).fact_share)
         out["reward"] = shares
         out["verifier_facts"] = list(shares)
+        if "raw_sim" in out:
+            out["clip_raw_sim"] = out["raw_sim"]
+        out["raw_sim"] = list(shares)
         return out
 
 
