@@ -89,7 +89,7 @@ def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones
                                         log=lambda m: None)
     world = [proving_train.world_item(proving_train.LEARN_SEED_OFFSET, "t2i", i, 1, True) for i in range(3)]
     assert marker["prompts"] == marker["train_items"] == [it.text for it in world[:2]]
-    assert len(seen) == 2 * 4 and {s for s in seen} == {it.scene for it in world[:2]}  # never the unseen prompt
+    assert len(seen) == 2 * 4 and set(seen) == {it.scene for it in world[:2]}  # never the unseen prompt
     assert marker["before"]["n"] == marker["after"]["n"] == 2
     assert marker["heldout_before"]["n"] == marker["heldout_after"]["n"] == 1
     assert marker["steps"] == 2 and marker["ema_decay"] is None
