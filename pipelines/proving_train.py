@@ -779,8 +779,16 @@ def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed:
     from pipelines.zoo import resolve_model
     from trainers.families import load_family
 
+    for name, value, least in (("prompts", prompts, 1), ("repeats", repeats, 1), ("steps", steps, 1),
+                               ("heldout", heldout, 0)):
+        if value < least:  # no prompts would silently train on the whole world instead
+            raise ValueError(f"learnability: {name} must be at least {least}, got {value}")
     model_dir = Path(resolve_model(str(model)))
-    tokenizer_cfg = json.loads((model_dir / "tokenizer_2" / "tokenizer_config.json").read_text())
+    tokenizer_config = model_dir / "tokenizer_2" / "tokenizer_config.json"
+    if not (model_dir / "transformer").is_dir() or not tokenizer_config.is_file():
+        raise ValueError(f"learnability: {model} is not a saved world generator pipeline (no transformer/ and "
+                         f"tokenizer_2/ in {model_dir})")
+    tokenizer_cfg = json.loads(tokenizer_config.read_text())
     world = [world_item(seed + LEARN_SEED_OFFSET, "t2i", i, max_objects, plain) for i in range(prompts + heldout)]
     items, others = world[:prompts], world[prompts:]
 

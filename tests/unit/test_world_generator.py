@@ -96,3 +96,16 @@ def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones
     base = load_file(Path(resolve_model("zoo:world_gen")) / "transformer" / "diffusion_pytorch_model.safetensors")
     tuned = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], tuned[k]) for k in base)  # all weights train, from the given generator
+
+
+def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generator(tmp_path):
+    import pytest
+
+    from pipelines.proving_train import learnability
+
+    for bad in ({"prompts": 0}, {"repeats": 0}, {"steps": 0}, {"heldout": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            learnability("zoo:world_gen", tmp_path / "out", **bad)
+    with pytest.raises(ValueError, match="not a saved world generator"):
+        learnability(str(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
