@@ -32,6 +32,10 @@ held-out prompts, ODE sampling, CFG 3)::
 
     python -m pipelines.proving_train generator --out DIR [--seed 0] [--steps N] [--minutes M] [--heads H]
 
+``generator --task edit --init-from T2I_RUN``: the FLUX.1 Kontext pipeline (same transformer class), started from a
+t2i world generator's transformer, text encoders and VAE, trained on the world's edits (the source scene's latents
+as Kontext's input-image tokens, the edited scene as the target; without its instruction, the source itself).
+
 ``learnability``: fine-tune a saved world generator (all transformer weights) on the ground truth of a few world
 prompts only and grade those prompts, and optionally as many others it never trained on, before and after: can
 the generator learn its own world, and does what it learns carry over to prompts it did not see (what the proving
@@ -375,6 +379,17 @@ def _object_mask(scenes: list[Scene], x, torch):
     return ((x - bg[:, :, None, None]).abs() > 40 / 127.5).any(dim=1, keepdim=True).float()
 
 
+def _fact_mask(items: Sequence[WorldItem], scenes: list[Scene], pixels, sources: list[Any] | None, torch):
+    """:func:`_object_mask` of the drawn ``scenes``; for edits also of the items' ``sources`` (PIL): where the
+    source had an object is a fact too (a removed object must be gone, a recoloured one changed in place)."""
+    mask = _object_mask(scenes, pixels, torch)
+    if sources is None:
+        return mask
+    from trainers.families.sd import pil_batch_to_tensor
+
+    return torch.maximum(mask, _object_mask([it.source for it in items], pil_batch_to_tensor(sources), torch))
+
+
 def _object_weights(scenes: list[Scene], x, torch, weight: float = OBJECT_PIXEL_WEIGHT):
     """Per-pixel loss weights: ``1 + weight`` on object pixels (:func:`_object_mask`), 1 elsewhere."""
     return 1.0 + weight * _object_mask(scenes, x, torch)
@@ -427,18 +442,19 @@ def _train_vae(vae, seed: int, size: int, steps: int, batch: int, lr: float, tor
             "shift_factor": round(shift, 5)}
 
 
-def _verify_pixels(pix, specs) -> dict[str, float]:
-    """Verifier numbers of ``(B,3,H,W)`` pixels in ``[-1,1]`` against t2i ``specs``: ``correct`` (all facts pass)
-    and ``facts`` (mean share of facts passed)."""
+def _verify_pixels(pix, specs, sources: Sequence[Any] | None = None) -> dict[str, float]:
+    """Verifier numbers of ``(B,3,H,W)`` pixels in ``[-1,1]`` against t2i ``specs`` (edit specs with their
+    ``sources``, PIL source images): ``correct`` (all facts pass) and ``facts`` (mean share of facts passed)."""
     import numpy as np
     from PIL import Image
 
-    from labelers.verifier import check_t2i, detect
+    from labelers.verifier import check_edit, check_t2i, detect
 
     arr = ((pix.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     correct, share = 0, 0.0
-    for spec, a in zip(specs, arr):
-        facts = check_t2i(spec, detect(Image.fromarray(np.ascontiguousarray(a), "RGB")))
+    for k, (spec, a) in enumerate(zip(specs, arr)):
+        image = detect(Image.fromarray(np.ascontiguousarray(a), "RGB"))
+        facts = check_edit(spec, detect(sources[k]), image) if sources is not None else check_t2i(spec, image)
         passed = sum(f.passed for f in facts)
         share += passed / max(1, len(facts))
         correct += int(passed == len(facts))
@@ -466,47 +482,57 @@ def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: 
         axes_dims_rope=list(axes))
 
 
+def _sources(items: Sequence[WorldItem], size: int) -> list[Any] | None:
+    """The edit items' source images (PIL, ``size`` px), or None for t2i items."""
+    return [render(it.source, size) for it in items] if items and items[0].task == "edit" else None
+
+
+def _world_conditioning(family, texts: list[str], sources: list[Any] | None, with_grad: bool = False):
+    """The family's conditioning of ``texts`` (and, for edits, each text's source image as the Kontext input image);
+    ``with_grad`` lets gradients flow into both text encoders (``family.encode`` runs them under ``no_grad``, as
+    every sampler wants)."""
+    from trainers.families.base import Conditioning
+
+    cond = family.encode(texts, [[im] for im in sources] if sources is not None else None)
+    if not with_grad:
+        return cond
+    embeds, pooled, _ids = family.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=family.device,
+                                                     max_sequence_length=family.max_sequence_length)
+    return Conditioning({**cond.tensors, "prompt_embeds": embeds, "pooled": pooled}, cond.layouts,
+                        seq_keys=("image_latents",))
+
+
 def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = GEN_IMAGE_SIZE,
                        steps: int = GEN_SAMPLE_STEPS, guidance: float = 1.0, batch: int = 32,
                        max_objects: int = GEN_MAX_OBJECTS, items: Sequence[WorldItem] | None = None,
-                       repeats: int = 1) -> dict[str, Any]:
-    """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out t2i prompts of the world of ``seed +
-    EVAL_SEED_OFFSET`` (or for the given ``items``, each ``repeats`` times from different noise) and check each image's
-    facts with the verifier: ``correct`` — share of images with every fact passed; ``facts`` — mean share of facts
-    passed per image."""
+                       repeats: int = 1, task: str = "t2i") -> dict[str, Any]:
+    """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out ``task`` prompts (t2i, or edit: the source image is
+    the input image) of the world of ``seed + EVAL_SEED_OFFSET`` (or for the given ``items``, each ``repeats`` times
+    from different noise) and check each image's facts with the verifier: ``correct`` — share of images with every
+    fact passed; ``facts`` — mean share of facts passed per image."""
     import torch
 
     eval_seed = seed + EVAL_SEED_OFFSET
     if items is None:
-        items = [world_item(eval_seed, "t2i", i, max_objects) for i in range(n)]
+        items = [world_item(eval_seed, task, i, max_objects) for i in range(n)]
     items = [it for it in items for _ in range(repeats)]
     n = len(items)
     correct, facts = 0.0, 0.0
     for start in range(0, n, batch):
         part = items[start:start + batch]
-        cond = family.encode([it.text for it in part])
-        uncond = family.encode([""] * len(part)) if guidance > 1 else None
+        sources = _sources(part, size)
+        cond = _world_conditioning(family, [it.text for it in part], sources)
+        uncond = _world_conditioning(family, [""] * len(part), sources) if guidance > 1 else None
         gens = [torch.Generator().manual_seed(eval_seed * 7919 + start + j) for j in range(len(part))]
         noise = family.initial_noise(gens, size)
         with torch.no_grad():
             out = family.sample(cond, uncond, noise, steps, size, guidance=guidance)
             pix = family.latents_to_images(out["latents"][-1], size)
-        res = _verify_pixels(pix, [it.spec for it in part])
+        res = _verify_pixels(pix, [it.spec for it in part], sources)
         correct += res["correct"] * len(part)
         facts += res["facts"] * len(part)
     return {"correct": round(correct / n, 4), "facts": round(facts / n, 4), "n": n, "steps": steps,
             "guidance": guidance, "size": size}
-
-
-def _encode_with_grad(family, texts: list[str]):
-    """The family's text conditioning with gradients flowing into both text encoders (``family.encode`` runs them
-    under ``no_grad``, as every sampler wants)."""
-    from trainers.families.base import Conditioning
-
-    embeds, pooled, _ids = family.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=family.device,
-                                                     max_sequence_length=family.max_sequence_length)
-    return Conditioning({"prompt_embeds": embeds, "pooled": pooled}, ["text"] * len(texts),
-                        seq_keys=("image_latents",))
 
 
 def train_world_generator(
@@ -541,6 +567,7 @@ def train_world_generator(
     train_items: Sequence[WorldItem] | None = None,
     eval_items: Sequence[WorldItem] | None = None,
     eval_repeats: int = 1,
+    task: str = "t2i",
     threads: int | None = 1,
     log_every: int = 25,
     log=print,
@@ -556,21 +583,32 @@ def train_world_generator(
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
     flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
     :data:`CONFUSED_BACKGROUND`. ``train_items`` replaces the fresh scenes by these items, cycled;
-    ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`)."""
+    ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`).
+
+    ``task="edit"`` trains the FLUX.1 Kontext pipeline instead (the same transformer class; the source image's
+    latents are its input-image tokens) on the world's edits — source scene, instruction, edited scene — with tokens
+    covering an object in the source *or* the target weighted (a removed object's place is a fact too); a sample
+    whose instruction is dropped (``cond_dropout``) has the source itself as its target, so the unconditional branch
+    learns to copy the input and guidance pushes from the copy towards the instruction; with ``init_from`` a t2i
+    world generator it starts from that generator's drawing skill."""
     for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
         if not 0.0 <= share < 1.0:
             raise ValueError(f"{name} {share} outside [0, 1)")
+        if share and task != "t2i":
+            raise ValueError(f"{name} is a t2i flaw; task {task!r} does not take it")
+    if task not in ("t2i", "edit"):
+        raise ValueError(f"task {task!r}: the world generator trains t2i or edit")
     _, torch = _setup_torch()
     from labelers.torch_compat import torch_threads
     from pipelines.zoo import MARKER
-    from pipelines.zoo.families import build_flux
+    from pipelines.zoo.families import build_flux, build_flux_kontext
     from trainers.families import load_family
 
     out_dir = Path(out_dir).resolve()
     with atomic_dir(out_dir) as tmp:  # built in a temporary sibling, renamed into place when complete
         started = time.time()
         with torch_threads(threads):
-            build_flux(tmp)
+            (build_flux_kontext if task == "edit" else build_flux)(tmp)
             (tmp / MARKER).unlink(missing_ok=True)
             family = load_family(str(tmp))
             pipe = family.pipe
@@ -629,7 +667,7 @@ def train_world_generator(
                 for g in eval_guidance:
                     row[f"cfg{g:g}"] = evaluate_generator(family, seed, eval_n, image_size, guidance=g,
                                                           max_objects=max_objects, items=eval_items,
-                                                          repeats=eval_repeats)
+                                                          repeats=eval_repeats, task=task)
                 evals.append(row)
                 log(f"[world-gen] eval {label} step {done}: " + " | ".join(
                     f"cfg {g:g}: correct {row[f'cfg{g:g}']['correct']:.3f} facts {row[f'cfg{g:g}']['facts']:.3f}"
@@ -676,10 +714,13 @@ def train_world_generator(
                     log(f"[world-gen] time budget of {minutes} min reached after {step} steps")
                     break
                 items = ([train_items[(step * batch + j) % len(train_items)] for j in range(batch)] if train_items
-                         else [world_item(seed, "t2i", step * batch + j, max_objects, plain) for j in range(batch)])
+                         else [world_item(seed, task, step * batch + j, max_objects, plain) for j in range(batch)])
                 texts = [("" if drop_rng.random() < cond_dropout else it.text) for it in items]
-                scenes = [_confused(it.scene) if colour_confusion and confuse_rng.random() < colour_confusion
-                          else it.scene for it in items]
+                # an edit without its instruction keeps the source: the unconditional branch learns to copy the
+                # input image (what classifier-free guidance then pushes away from, towards the instruction)
+                scenes = [it.source if it.task == "edit" and not text else it.scene for it, text in zip(items, texts)]
+                scenes = [_confused(sc) if colour_confusion and confuse_rng.random() < colour_confusion
+                          else sc for sc in scenes]
                 scenes = [_confused_background(sc)
                           if background_confusion and confuse_rng.random() < background_confusion else sc
                           for sc in scenes]
@@ -688,10 +729,11 @@ def train_world_generator(
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
                 # but every fact the prompt states
                 patch = image_size // int(round(x0.shape[1] ** 0.5))
-                on_object = torch.nn.functional.max_pool2d(_object_mask(scenes, pixels, torch), patch)
+                sources = _sources(items, image_size)
+                on_object = torch.nn.functional.max_pool2d(_fact_mask(items, scenes, pixels, sources, torch), patch)
                 on_object = on_object.flatten(1).unsqueeze(-1)  # (B, tokens, 1), the packed token order
                 token_weight = 1.0 + object_loss_weight * on_object
-                cond = _encode_with_grad(family, texts) if train_text else family.encode(texts)
+                cond = _world_conditioning(family, texts, sources, with_grad=train_text)
                 x_t, t, target = family.training_sample(x0, gen)
                 pred = family.predict(x_t, t, cond)
                 sq_err = (pred.float() - target.float()).square()
@@ -729,7 +771,7 @@ def train_world_generator(
                 m.requires_grad_(False)
             pipe.save_pretrained(tmp)
         marker: dict[str, Any] = {
-            **_marker_head("world_generator", "train_world_generator", family="flux", seed=seed, steps=done,
+            **_marker_head("world_generator", "train_world_generator", family="flux", task=task, seed=seed, steps=done,
                            steps_requested=steps, batch=batch, image_size=image_size, lr=lr),
             "transformer": {"heads": heads, "head_dim": GEN_HEAD_DIM, "axes_dims_rope": list(GEN_AXES_ROPE),
                             "layers": layers, "single_layers": single_layers,
@@ -856,6 +898,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of training scenes drawn with the objects in a partner colour (the prompt unchanged)")
     g.add_argument("--background-confusion", type=float, default=0.0,
                    help="share of training scenes drawn on a partner background colour (the prompt unchanged)")
+    g.add_argument("--eval-guidance", type=float, nargs="+", default=[GEN_GUIDANCE],
+                   help="classifier-free guidance scales to evaluate at (the first one decides --stop-at-correct)")
+    g.add_argument("--cond-dropout", type=float, default=0.1,
+                   help="share of samples trained without their prompt (edits: the target is then the source)")
+    g.add_argument("--task", choices=("t2i", "edit"), default="t2i",
+                   help="edit: train FLUX.1 Kontext on the world's edits (best --init-from a t2i world generator)")
     g.add_argument("--threads", type=int, default=1)
     lt = sub.add_parser("learnability", help="can a world generator learn a few prompts' ground truth? (before/after)")
     lt.add_argument("--model", default="zoo:world_gen", help="a saved world generator pipeline (default zoo:world_gen)")
@@ -899,7 +947,9 @@ def main(argv: list[str] | None = None) -> int:
                                        eval_every=args.eval_every,
                                        stop_at_correct=args.stop_at_correct,
                                        colour_confusion=args.colour_confusion,
-                                       background_confusion=args.background_confusion, threads=args.threads,
+                                       background_confusion=args.background_confusion, task=args.task,
+                                       cond_dropout=args.cond_dropout, eval_guidance=tuple(args.eval_guidance),
+                                       threads=args.threads,
                                        log=lambda m: print(m, flush=True))
         print(f"[world-gen] done: {marker['steps']} steps in {marker['train_seconds']}s -> {args.out}; "
               + json.dumps(marker["eval_curve"]), flush=True)

@@ -45,10 +45,11 @@ _BUILDERS: dict[str, str] = {
     "janus": "pipelines.zoo.janus:build_janus",  # autoregressive VQ-token t2i (Janus-Pro layout)
     # trained on the proving ground's world; built on first use of zoo:<name>, never by `make zoo`
     "world_gen": "pipelines.zoo.trained:build_world_gen",
+    "world_edit": "pipelines.zoo.trained:build_world_edit",
     "world_clip": "pipelines.zoo.trained:build_world_clip",
     "world_judge": "pipelines.zoo.trained:build_world_judge",
 }
-TRAINED_COMPONENTS = ("world_gen", "world_clip", "world_judge")
+TRAINED_COMPONENTS = ("world_gen", "world_edit", "world_clip", "world_judge")
 
 
 def zoo_root() -> Path:

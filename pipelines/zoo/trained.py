@@ -6,6 +6,9 @@
   are shipped in ``pipelines/zoo/trained/world_gen/`` (13 MB, with ``MANIFEST.json``: each file's sha256, the exact
   commands, and the trained model's measured skill) and laid over the base build here; a file whose hash differs
   from the manifest is refused.
+* ``world_edit``: the zoo's tiny FLUX.1 Kontext pipeline (``build_flux_kontext``) with the same file set as
+  ``world_gen``'s, from ``python -m pipelines.proving_train generator --task edit --init-from <a world_gen run>``:
+  the world's edits (source scene as the input image), shipped in ``pipelines/zoo/trained/world_edit/``.
 * ``world_clip``: the tiny CLIP trained contrastively on the world (``python -m pipelines.proving_train clip
   --threads 1``, ~3 minutes; seeded, its weights depend on the thread count), shipped the same way (its weights laid
   over ``zoo:clip``, whose config it shares).
@@ -16,8 +19,8 @@
   MANIFEST.json), shipped the same way (``model.safetensors``, ``config.json``
   and ``processor_config.json`` laid over ``zoo:judge``).
 
-Refresh a shipped component with ``python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge
-RUN_DIR COMMAND...`` on a training run's output directory.
+Refresh a shipped component with ``python -m pipelines.zoo.trained
+ship-world-gen|ship-world-edit|ship-world-clip|ship-world-judge RUN_DIR COMMAND...`` on a training run's output directory.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ def build_world_gen(out_dir: Path) -> dict[str, Any]:
     return _overlay("world_gen", out_dir, "flux")
 
 
+def build_world_edit(out_dir: Path) -> dict[str, Any]:
+    """The base tiny FLUX.1 Kontext build (``build_flux_kontext``) with the shipped world edit generator's files
+    laid over it (hashes checked): the same file set as ``world_gen``'s."""
+    return _overlay("world_edit", out_dir, "flux_kontext")
+
+
 def build_world_judge(out_dir: Path) -> dict[str, Any]:
     """The zoo judge with the shipped fine-tuned weights (``python -m pipelines.proving_judge``) laid over it."""
     return _overlay("world_judge", out_dir, "judge")
@@ -106,15 +115,23 @@ def ship(name: str, run_dir: Path, files: tuple[str, ...], command: str, info: d
     return target
 
 
-def ship_world_gen(run_dir: Path, command: str) -> Path:
+def ship_world_gen(run_dir: Path, command: str, name: str = "world_gen", task: str = "t2i") -> Path:
+    """Ship a ``proving_train generator`` run of ``task`` as ``name`` (``world_edit``: an edit run)."""
     from pipelines.zoo import MARKER
 
     marker = json.loads((Path(run_dir) / MARKER).read_text())
-    keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects", "text_tokens",
-            "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion",
+    run_task = marker.get("task", "t2i")  # runs from before edit training have no task: t2i
+    if run_task != task:
+        raise ValueError(f"{run_dir} is a {run_task} generator run, not {task}: not shipped as {name}")
+    keep = ("seed", "steps", "batch", "image_size", "lr", "transformer", "cond_dropout", "max_objects",
+            "text_tokens", "plain", "train_text", "object_loss_weight", "ema_decay", "lr_decay", "colour_confusion",
             "background_confusion", "vae", "train_seconds", "build_seconds", "eval", "eval_curve")
     files = WORLD_GEN_FILES + (WORLD_GEN_TEXT_FILES if marker.get("train_text") else ())
-    return ship("world_gen", run_dir, files, command, {k: marker.get(k) for k in keep})
+    return ship(name, run_dir, files, command, {"task": task, **{k: marker.get(k) for k in keep}})
+
+
+def ship_world_edit(run_dir: Path, command: str) -> Path:
+    return ship_world_gen(run_dir, command, name="world_edit", task="edit")
 
 
 def ship_world_clip(run_dir: Path, command: str) -> Path:
@@ -136,10 +153,10 @@ def ship_world_judge(run_dir: Path, command: str) -> Path:
 
 
 if __name__ == "__main__":
-    shippers = {"ship-world-gen": ship_world_gen, "ship-world-clip": ship_world_clip,
-                "ship-world-judge": ship_world_judge}
+    shippers = {"ship-world-gen": ship_world_gen, "ship-world-edit": ship_world_edit,
+                "ship-world-clip": ship_world_clip, "ship-world-judge": ship_world_judge}
     if len(sys.argv) >= 4 and sys.argv[1] in shippers:
         print(shippers[sys.argv[1]](Path(sys.argv[2]), " ".join(sys.argv[3:])))
     else:
-        sys.exit("usage: python -m pipelines.zoo.trained ship-world-gen|ship-world-clip|ship-world-judge RUN_DIR "
-                 "COMMAND...")
+        sys.exit("usage: python -m pipelines.zoo.trained ship-world-gen|ship-world-edit|ship-world-clip|"
+                 "ship-world-judge RUN_DIR COMMAND...")

@@ -1,8 +1,8 @@
 """The embedded default profile (``world``, what ``make demo`` runs): its sample prompts are the procedural
-world's, its t2i generator, CLIP and judge the models trained on that world — so one partition of the demo gives
-recognisable images (the verifier reads the stated background in nearly every t2i candidate and finds some fully
-right; the random zoo's FLUX gives noise that fails both) and reward_labels reports how the labels agree with the
-verifier."""
+world's, its t2i and edit generators, CLIP and judge the models trained on that world — so one partition of the
+demo gives recognisable images (the verifier reads the stated background in nearly every t2i candidate and finds
+some fully right, and the edits keep their source's background and get part of the facts right; the random zoo's
+models give noise that fails both) and reward_labels reports how the labels agree with the verifier."""
 
 import dagster as dg
 import polars as pl
@@ -23,6 +23,7 @@ def test_the_default_profile_is_the_world_one_with_the_trained_models():
     profile = load_profile(DEFAULT_PROFILE)
     assert DEFAULT_PROFILE == "world" and profile["samples"] == "world"
     assert profile["generation"]["generators"]["t2i"]["model"] == "zoo:world_gen"
+    assert profile["generation"]["generators"]["edit"]["model"] == "zoo:world_edit"
     assert (profile["judge"]["model"], profile["clip"]["model"]) == ("zoo:world_judge", "zoo:world_clip")
     assert profile["training"]["model"] == "zoo:world_gen" and profile["training"]["tasks"] == ["t2i"]
     assert load_profile("tiny")["samples"] == "bundled"  # the tests' random zoo keeps the bundled samples
@@ -80,6 +81,24 @@ def test_a_demo_partition_on_the_default_profile_draws_recognisable_scenes(tmp_p
     fully_right = sum(verify(JudgeItem(key=k, task="t2i", text=texts[prompt_of[k]], image=image)).fact_share == 1.0
                       for k, image in images.items())
     assert fully_right >= 3, fully_right  # 8 of 24 measured
+
+    # edits: zoo:world_edit keeps the source scene (its background) and does part of what is asked
+    from PIL import Image
+
+    sources = {r["text"]: Image.open(batch.parent / r["source_image"]) for r in pl.read_ndjson(batch).to_dicts()
+               if r["task"] == "edit"}
+    edit_of = {r["key"]: texts[r["prompt_id"]] for r in candidates.to_dicts() if texts[r["prompt_id"]] in sources}
+    edits = load_candidate_images(data / "candidate_images" / key / "shards", set(edit_of))
+    assert len(edits) == WORLD_SAMPLE_COUNTS["edit"] * load_profile(DEFAULT_PROFILE)["generation"]["seeds_per_prompt"]
+    checked = [(detect(sources[edit_of[k]]), detect(image),
+                verify(JudgeItem(key=k, task="edit", text=edit_of[k], image=image, source_image=sources[edit_of[k]])))
+               for k, image in edits.items()]
+    kept_background = sum(src.background == out.background for src, out, _ in checked)
+    fact_share = sum(v.fact_share for _, _, v in checked) / len(checked)
+    print(f"edits: background kept {kept_background}/{len(checked)}, mean fact share {fact_share:.3f}, fully right "
+          f"{sum(v.all_passed for _, _, v in checked)}")
+    assert kept_background >= 0.9 * len(checked), kept_background
+    assert fact_share >= 0.4, fact_share
 
 
 def test_the_default_judges_scores_depend_on_the_image():

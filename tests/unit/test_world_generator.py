@@ -109,3 +109,102 @@ def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generat
     with pytest.raises(ValueError, match="not a saved world generator"):
         learnability(str(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i_world_generator(
+        tmp_path, one_torch_thread, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import pipelines.proving_train as proving_train
+    from pipelines.proving_world import render
+    from pipelines.zoo import resolve_model
+    from trainers.families import load_family
+
+    conditioned = []
+    real_conditioning = proving_train._world_conditioning
+
+    def recording_conditioning(family, texts, sources, with_grad=False):
+        cond = real_conditioning(family, texts, sources, with_grad)
+        conditioned.append((list(texts), sources, with_grad, cond.tensors.get("image_latents")))
+        return cond
+
+    drawn = []
+    real_pixels = proving_train._scene_pixels
+
+    def recording_pixels(scenes, size, torch_module):
+        drawn.append(list(scenes))
+        return real_pixels(scenes, size, torch_module)
+
+    monkeypatch.setattr(proving_train, "_world_conditioning", recording_conditioning)
+    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
+    base = Path(resolve_model("zoo:world_gen"))
+    out = tmp_path / "edit"
+    marker = proving_train.train_world_generator(out, steps=2, batch=3, task="edit", init_from=base,
+                                                 vae_from=base / "vae", text_tokens=32, eval_n=2, eval_every=0,
+                                                 cond_dropout=0.5, log_every=0, log=lambda m: None)
+    assert marker["task"] == "edit" and marker["steps"] == 2
+    assert marker["eval"]["cfg3"]["n"] == 2
+    training = [c for c in conditioned if c[2]]  # the training steps (text encoders with gradients)
+    assert len(training) == 2
+    items = [proving_train.world_item(0, "edit", i, proving_train.GEN_MAX_OBJECTS) for i in range(6)]
+    dropped = 0
+    for step, (texts, sources, _, latents) in enumerate(training):
+        batch = items[3 * step:3 * step + 3]
+        # every sample is conditioned on its own source picture (as Kontext input-image tokens)
+        assert [t for t in texts if t] == [it.text for it, t in zip(batch, texts) if t]
+        assert [s.tobytes() for s in sources] == [render(it.source, 48).tobytes() for it in batch]
+        assert latents is not None and latents.shape[0] == 3
+        # the target is the edited scene; without the instruction it is the source (the copy CFG pushes from)
+        assert drawn[step] == [it.scene if t else it.source for it, t in zip(batch, texts)]
+        dropped += texts.count("")
+    assert 0 < dropped < 6
+    family = load_family(str(out))
+    assert family.is_kontext  # a FluxKontextPipeline that the generation stage loads like any edit model
+    t2i = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert t2i.keys() == tuned.keys() and any(not torch.equal(t2i[k], tuned[k]) for k in t2i)
+
+
+def test_edit_grading_passes_the_edited_scene_and_fails_the_unchanged_source():
+    import numpy as np
+    import torch
+
+    from pipelines.proving_train import _sources, _verify_pixels
+    from pipelines.proving_world import render, world_item
+
+    items = [world_item(5, "edit", i) for i in range(24)]
+    sources = _sources(items, 48)
+
+    def pixels(images):
+        return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1
+                                ).permute(0, 3, 1, 2)
+
+    specs = [it.spec for it in items]
+    assert _verify_pixels(pixels([render(it.scene, 48) for it in items]), specs, sources)["correct"] == 1.0
+    copied = _verify_pixels(pixels(sources), specs, sources)
+    assert copied["correct"] == 0.0 and 0.0 < copied["facts"] < 1.0  # the rest kept, the instruction not followed
+
+
+def test_a_removed_objects_place_weighs_as_an_object_in_an_edit_loss():
+    import torch
+
+    from pipelines.proving_train import _fact_mask, _object_mask, _scene_pixels, _sources
+    from pipelines.proving_world import world_item
+
+    item = next(it for i in range(50) if (it := world_item(3, "edit", i)).spec.op == "remove")
+    pixels = _scene_pixels([item.scene], 48, torch)
+    target_only = _object_mask([item.scene], pixels, torch)
+    mask = _fact_mask([item], [item.scene], pixels, _sources([item], 48), torch)
+    assert mask.sum() > target_only.sum()  # the removed object's pixels count as facts
+    assert torch.equal(torch.maximum(mask, target_only), mask)
+
+
+def test_an_edit_run_refuses_a_t2i_flaw_and_an_unknown_task(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="colour_confusion"):
+        train_world_generator(tmp_path / "gen", steps=1, task="edit", colour_confusion=0.5, log=lambda m: None)
+    with pytest.raises(ValueError, match="multi_ref"):
+        train_world_generator(tmp_path / "gen", steps=1, task="multi_ref", log=lambda m: None)
+    assert not (tmp_path / "gen").exists()

@@ -101,3 +101,22 @@ def test_world_clip_is_laid_over_zoo_clip(tmp_path, monkeypatch):
     info = trained.build_world_clip(out)
     assert (out / "open_clip_model.safetensors").read_bytes() == b"world clip weights"
     assert (out / "open_clip_config.json").exists() and info["eval"] == {"retrieval": 0.9}
+
+
+def test_an_edit_generator_run_ships_as_world_edit_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(trained, "SHIPPED", tmp_path / "shipped")
+    run = tmp_path / "run"
+    for rel in trained.WORLD_GEN_FILES + trained.WORLD_GEN_TEXT_FILES:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(rel)
+    (run / zoo.MARKER).write_text(json.dumps({"task": "edit", "train_text": True, "eval": {"cfg3": {"correct": 0.3}}}))
+    with pytest.raises(ValueError, match="edit generator run, not t2i"):
+        trained.ship_world_gen(run, "python -m pipelines.proving_train generator --task edit")
+    assert not (tmp_path / "shipped" / "world_gen").exists()
+    target = trained.ship_world_edit(run, "python -m pipelines.proving_train generator --task edit")
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    assert manifest["task"] == "edit" and manifest["eval"] == {"cfg3": {"correct": 0.3}}
+    assert set(manifest["files"]) == set(trained.WORLD_GEN_FILES + trained.WORLD_GEN_TEXT_FILES)
+    (run / zoo.MARKER).write_text(json.dumps({"train_text": True}))  # a t2i run (no task: from before edits)
+    with pytest.raises(ValueError, match="t2i generator run, not edit"):
+        trained.ship_world_edit(run, "x")
