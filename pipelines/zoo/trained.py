@@ -20,7 +20,8 @@
   and ``processor_config.json`` laid over ``zoo:judge``).
 
 Refresh a shipped component with ``python -m pipelines.zoo.trained
-ship-world-gen|ship-world-edit|ship-world-clip|ship-world-judge RUN_DIR COMMAND...`` on a training run's output directory.
+ship-world-gen|ship-world-edit|ship-world-clip|ship-world-judge RUN_DIR COMMAND...`` on a training run's output
+directory.
 """
 
 from __future__ import annotations
