@@ -337,6 +337,7 @@ GEN_BATCH = 32
 GEN_IMAGE_SIZE = 48
 GEN_EVAL_N = 96
 GEN_SAMPLE_STEPS = 12
+GEN_TEXT_TOKENS = 48  # the T5 window of a generator trained from scratch (world prompts are <= ~70 T5 tokens)
 # the VAE fit, stage by stage (steps, peak lr, object pixel weight): plain L1 + MSE first, then object-weighted
 # (measured verifier pass rate of reconstructed single-object scenes after each stage: 36 %, 58 %, 70 %)
 GEN_VAE_SCHEDULE = ((500, 3e-3, 0.0), (250, 1e-3, 10.0), (500, 1e-3, 10.0))
@@ -553,7 +554,7 @@ def train_world_generator(
     object_loss_weight: float = 4.0,
     ema_decay: float | None = 0.999,
     lr_decay: bool = True,
-    text_tokens: int | None = 48,
+    text_tokens: int | None = GEN_TEXT_TOKENS,
     max_objects: int = GEN_MAX_OBJECTS,
     plain: bool = False,
     eval_n: int = GEN_EVAL_N,
@@ -799,6 +800,13 @@ def train_world_generator(
     return marker
 
 
+def saved_text_window(model_dir: str | Path) -> int:
+    """The T5 window a saved world generator was trained with (its ``tokenizer_2``'s ``model_max_length``): a run
+    continued from it must keep it, since its transformer learned on states of that length."""
+    config = Path(model_dir) / "tokenizer_2" / "tokenizer_config.json"
+    return int(json.loads(config.read_text())["model_max_length"])
+
+
 LEARN_SEED_OFFSET = 2_000_003  # learnability prompts come from a world seed neither training nor evaluation uses
 
 
@@ -830,7 +838,6 @@ def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed:
     if not (model_dir / "transformer").is_dir() or not tokenizer_config.is_file():
         raise ValueError(f"learnability: {model} is not a saved world generator pipeline (no transformer/ and "
                          f"tokenizer_2/ in {model_dir})")
-    tokenizer_cfg = json.loads(tokenizer_config.read_text())
     world = [world_item(seed + LEARN_SEED_OFFSET, "t2i", i, max_objects, plain) for i in range(prompts + heldout)]
     items, others = world[:prompts], world[prompts:]
 
@@ -841,7 +848,7 @@ def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed:
 
     before_heldout = heldout_accuracy(model_dir) if others else None
     marker = train_world_generator(out_dir, seed=seed, steps=steps, batch=batch, lr=lr, vae_from=model_dir / "vae",
-                                   init_from=model_dir, text_tokens=int(tokenizer_cfg["model_max_length"]),
+                                   init_from=model_dir, text_tokens=saved_text_window(model_dir),
                                    max_objects=max_objects, plain=plain, train_text=train_text, ema_decay=None,
                                    lr_decay=False, eval_every=0, eval_guidance=(guidance,), train_items=items,
                                    eval_items=items, eval_repeats=repeats, threads=threads, log=log)
@@ -854,6 +861,14 @@ def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _cli_text_tokens(given: int | None, init_from: str | None) -> int | None:
+    """``generator --text-tokens``: as given (0: the zoo's 512, passed on as None); unset, the window of the run it
+    continues (``--init-from``), else :data:`GEN_TEXT_TOKENS`."""
+    if given is not None:
+        return given or None
+    return saved_text_window(init_from) if init_from else GEN_TEXT_TOKENS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.proving_train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -882,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--heads", type=int, default=2, help=f"transformer width = heads x {GEN_HEAD_DIM}")
     g.add_argument("--layers", type=int, default=1)
     g.add_argument("--single-layers", type=int, default=2)
-    g.add_argument("--text-tokens", type=int, default=48, help="T5 window (0: the zoo's 512)")
+    g.add_argument("--text-tokens", type=int, default=None,
+                   help=f"T5 window (0: the zoo's 512; default: --init-from's own, else {GEN_TEXT_TOKENS})")
     g.add_argument("--max-objects", type=int, default=GEN_MAX_OBJECTS, help="objects per t2i scene, 1..3")
     g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     g.add_argument("--plain", action="store_true", help="train on scenes without background textures")
@@ -933,13 +949,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         return 0
     if args.cmd == "generator":
+        if args.init_from:  # a directory, or a zoo name (e.g. zoo:world_gen)
+            from pipelines.zoo import resolve_model
+
+            args.init_from = resolve_model(args.init_from)
         marker = train_world_generator(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                                        image_size=args.image_size, lr=args.lr, minutes=args.minutes,
                                        vae_from=args.vae_from, init_from=args.init_from,
                                        snapshot=args.snapshot, heads=args.heads,
                                        layers=args.layers,
                                        single_layers=args.single_layers, eval_n=args.eval_n,
-                                       text_tokens=args.text_tokens or None,
+                                       text_tokens=_cli_text_tokens(args.text_tokens, args.init_from),
                                        max_objects=args.max_objects, plain=args.plain,
                                        train_text=not args.frozen_text,
                                        object_loss_weight=args.object_loss_weight,

@@ -208,3 +208,15 @@ def test_an_edit_run_refuses_a_t2i_flaw_and_an_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="multi_ref"):
         train_world_generator(tmp_path / "gen", steps=1, task="multi_ref", log=lambda m: None)
     assert not (tmp_path / "gen").exists()
+
+
+def test_a_continued_generator_run_keeps_the_t5_window_it_continues_unless_told_otherwise():
+    from pipelines.proving_train import GEN_TEXT_TOKENS, _cli_text_tokens, saved_text_window
+    from pipelines.zoo import resolve_model
+
+    shipped = resolve_model("zoo:world_gen")
+    assert saved_text_window(shipped) == 32 != GEN_TEXT_TOKENS  # the shipped chain trained on a 32-token window
+    assert _cli_text_tokens(None, shipped) == 32  # --init-from without --text-tokens: its own window
+    assert _cli_text_tokens(None, None) == GEN_TEXT_TOKENS  # from scratch: the default
+    assert _cli_text_tokens(64, shipped) == 64  # given: as given
+    assert _cli_text_tokens(0, None) is None  # 0: the zoo's full 512 window
