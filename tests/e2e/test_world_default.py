@@ -1,8 +1,8 @@
 """The embedded default profile (``world``, what ``make demo`` runs): its sample prompts are the procedural
 world's, its t2i and edit generators, CLIP and judge the models trained on that world — so one partition of the
 demo gives recognisable images (the verifier reads the stated background in nearly every t2i candidate and finds
-some fully right, and the edits keep their source's background and get part of the facts right; the random zoo's
-models give noise that fails both) and reward_labels reports how the labels agree with the verifier."""
+some fully right, where the random zoo's FLUX gives noise that fails both; the edits keep their source's
+background and get part of the facts right) and reward_labels reports how the labels agree with the verifier."""
 
 import dagster as dg
 import polars as pl
