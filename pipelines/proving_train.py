@@ -489,18 +489,9 @@ def _sources(items: Sequence[WorldItem], size: int) -> list[Any] | None:
 
 
 def _world_conditioning(family, texts: list[str], sources: list[Any] | None, with_grad: bool = False):
-    """The family's conditioning of ``texts`` (and, for edits, each text's source image as the Kontext input image);
-    ``with_grad`` lets gradients flow into both text encoders (``family.encode`` runs them under ``no_grad``, as
-    every sampler wants)."""
-    from trainers.families.base import Conditioning
-
-    cond = family.encode(texts, [[im] for im in sources] if sources is not None else None)
-    if not with_grad:
-        return cond
-    embeds, pooled, _ids = family.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=family.device,
-                                                     max_sequence_length=family.max_sequence_length)
-    return Conditioning({**cond.tensors, "prompt_embeds": embeds, "pooled": pooled}, cond.layouts,
-                        seq_keys=("image_latents",))
+    """The FLUX family's conditioning of ``texts`` (and, for edits, each text's source image as the Kontext input
+    image); ``with_grad`` lets gradients flow into both text encoders."""
+    return family.encode(texts, [[im] for im in sources] if sources is not None else None, text_grad=with_grad)
 
 
 def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = GEN_IMAGE_SIZE,

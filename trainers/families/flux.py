@@ -9,6 +9,7 @@ guidance ``embedded_guidance`` instead of true classifier-free guidance. Flow ma
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from trainers.families.base import Conditioning
@@ -46,10 +47,13 @@ class FluxFamily(FlowMatchingFamily):
         return 2 * (int(size) // (self.vae_scale_factor * 2))
 
     # ------------------------------------------------------------------ conditioning
-    def encode(self, texts, images=None, size=None) -> Conditioning:
+    def encode(self, texts, images=None, size=None, text_grad: bool = False) -> Conditioning:
+        """Every sampler encodes without gradients; ``text_grad`` lets them flow into both text encoders (training
+        them jointly with the transformer, as the proving ground's world generator does). Input images never take
+        gradients."""
         import torch
 
-        with torch.no_grad():
+        with contextlib.nullcontext() if text_grad else torch.no_grad():
             embeds, pooled, _text_ids = self.pipe.encode_prompt(
                 prompt=list(texts), prompt_2=None, device=self.pipe.text_encoder.device,
                 max_sequence_length=self.max_sequence_length)
@@ -64,7 +68,7 @@ class FluxFamily(FlowMatchingFamily):
                 parts = [None] * len(texts)
                 for n in sorted(set(counts)):
                     idx = [i for i, c in enumerate(counts) if c == n]
-                    sub = self.encode([texts[i] for i in idx], [images[i] for i in idx], size)
+                    sub = self.encode([texts[i] for i in idx], [images[i] for i in idx], size, text_grad)
                     for j, i in enumerate(idx):
                         parts[i] = sub.take([j])
                 return Conditioning.cat(parts)
