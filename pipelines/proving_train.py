@@ -590,6 +590,8 @@ def train_world_generator(
             raise ValueError(f"{name} is a t2i flaw; task {task!r} does not take it")
     if task not in ("t2i", "edit"):
         raise ValueError(f"task {task!r}: the world generator trains t2i or edit")
+    if not 0.0 <= cond_dropout <= 1.0:
+        raise ValueError(f"cond_dropout {cond_dropout} outside [0, 1]")
     _, torch = _setup_torch()
     from labelers.torch_compat import torch_threads
     from pipelines.zoo import MARKER

@@ -200,13 +200,16 @@ def test_a_removed_objects_place_weighs_as_an_object_in_an_edit_loss():
     assert torch.equal(torch.maximum(mask, target_only), mask)
 
 
-def test_an_edit_run_refuses_a_t2i_flaw_and_an_unknown_task(tmp_path):
+def test_an_edit_run_refuses_a_t2i_flaw_an_unknown_task_and_a_dropout_outside_zero_to_one(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="colour_confusion"):
         train_world_generator(tmp_path / "gen", steps=1, task="edit", colour_confusion=0.5, log=lambda m: None)
     with pytest.raises(ValueError, match="multi_ref"):
         train_world_generator(tmp_path / "gen", steps=1, task="multi_ref", log=lambda m: None)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="cond_dropout"):
+            train_world_generator(tmp_path / "gen", steps=1, task="edit", cond_dropout=share, log=lambda m: None)
     assert not (tmp_path / "gen").exists()
 
 
