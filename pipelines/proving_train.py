@@ -35,13 +35,17 @@ held-out prompts, ODE sampling, CFG 3)::
 ``generator --task edit --init-from T2I_RUN``: the FLUX.1 Kontext pipeline (same transformer class), started from a
 t2i world generator's transformer, text encoders and VAE, trained on the world's edits (the source scene's latents
 as Kontext's input-image tokens, the edited scene as the target; without its instruction, the source itself).
+``--task multi_ref`` likewise trains Kontext on the multi-reference prompts, the reference pictures tiled into its
+one input image as generation tiles them for a single-image edit model (tried from ``zoo:world_edit``; not
+shipped: docs/proving_ground.md).
 
 ``learnability``: fine-tune a saved world generator (all transformer weights) on the ground truth of a few world
 prompts only and grade those prompts, and optionally as many others it never trained on, before and after: can
 the generator learn its own world, and does what it learns carry over to prompts it did not see (what the proving
 ground grades)? ::
 
-    python -m pipelines.proving_train learnability --out DIR [--model zoo:world_gen] [--prompts 4] [--heldout 32]
+    python -m pipelines.proving_train learnability --out DIR [--model zoo:world_gen|zoo:world_edit] [--prompts 4]
+        [--heldout 32]
 
 One module (over ~500 lines) on purpose: the world CLIP and generator trainers share the world's data, pixels
 and evaluation helpers and one CLI; the seam to split along, if it grows, is clip vs generator.
@@ -64,7 +68,7 @@ from typing import Any
 
 from labelers.verifier import OBJECT_COLOURS, SHAPES, SIZES, T2ISpec, t2i_text
 from pipelines.io import atomic_dir
-from pipelines.proving_world import Obj, Scene, WorldItem, _background, render, world_item
+from pipelines.proving_world import DEFAULT_SIZE, Obj, Scene, WorldItem, _background, render, world_item
 
 DEFAULT_STEPS = 600
 DEFAULT_BATCH = 64
@@ -343,6 +347,9 @@ GEN_TEXT_TOKENS = 48  # the T5 window of a generator trained from scratch (world
 GEN_VAE_SCHEDULE = ((500, 3e-3, 0.0), (250, 1e-3, 10.0), (500, 1e-3, 10.0))
 GEN_MAX_OBJECTS = 1  # the proving ground's t2i prompts: one object (colour, shape, size, place, background)
 GEN_GUIDANCE = 3.0
+# the edit generator's (zoo:world_edit): its unconditional branch copies the source, and stronger guidance pushes
+# the conditional branch's redrawing further off it (README "Trained models in the zoo")
+EDIT_GUIDANCE = 1.5
 OBJECT_PIXEL_WEIGHT = 10.0
 # --colour-confusion's partner of each object colour: the colour a confused generator paints instead (a fixed
 # derangement of verifier.OBJECT_COLOURS, so the mistake is systematic, like a real model's attribute-binding error)
@@ -384,7 +391,7 @@ def _fact_mask(items: Sequence[WorldItem], scenes: list[Scene], pixels, sources:
     """:func:`_object_mask` of the drawn ``scenes``; for edits also of the items' ``sources`` (PIL): where the
     source had an object is a fact too (a removed object must be gone, a recoloured one changed in place)."""
     mask = _object_mask(scenes, pixels, torch)
-    if sources is None:
+    if sources is None or items[0].task != "edit":  # a multi_ref grid is not in place: only the target counts
         return mask
     from trainers.families.sd import pil_batch_to_tensor
 
@@ -443,19 +450,26 @@ def _train_vae(vae, seed: int, size: int, steps: int, batch: int, lr: float, tor
             "shift_factor": round(shift, 5)}
 
 
-def _verify_pixels(pix, specs, sources: Sequence[Any] | None = None) -> dict[str, float]:
+def _verify_pixels(pix, specs, sources: Sequence[Any] | None = None,
+                   references: Sequence[Sequence[Any]] | None = None) -> dict[str, float]:
     """Verifier numbers of ``(B,3,H,W)`` pixels in ``[-1,1]`` against t2i ``specs`` (edit specs with their
-    ``sources``, PIL source images): ``correct`` (all facts pass) and ``facts`` (mean share of facts passed)."""
+    ``sources``, PIL source images; multi_ref specs with their ``references``, each item's PIL reference pictures):
+    ``correct`` (all facts pass) and ``facts`` (mean share of facts passed)."""
     import numpy as np
     from PIL import Image
 
-    from labelers.verifier import check_edit, check_t2i, detect
+    from labelers.verifier import check_edit, check_multi_ref, check_t2i, detect, read_reference
 
     arr = ((pix.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     correct, share = 0, 0.0
     for k, (spec, a) in enumerate(zip(specs, arr)):
         image = detect(Image.fromarray(np.ascontiguousarray(a), "RGB"))
-        facts = check_edit(spec, detect(sources[k]), image) if sources is not None else check_t2i(spec, image)
+        if references is not None:
+            facts = check_multi_ref(spec, [read_reference(im, i) for i, im in enumerate(references[k])], image)
+        elif sources is not None:
+            facts = check_edit(spec, detect(sources[k]), image)
+        else:
+            facts = check_t2i(spec, image)
         passed = sum(f.passed for f in facts)
         share += passed / max(1, len(facts))
         correct += int(passed == len(facts))
@@ -484,8 +498,42 @@ def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: 
 
 
 def _sources(items: Sequence[WorldItem], size: int) -> list[Any] | None:
-    """The edit items' source images (PIL, ``size`` px), or None for t2i items."""
-    return [render(it.source, size) for it in items] if items and items[0].task == "edit" else None
+    """The input image of each item (PIL, ``size`` px): an edit's source scene; for multi_ref its reference
+    pictures tiled into one grid, as prefmill conditions a single-image edit model on references
+    (:func:`pipelines.candidates.reference_grid` of the batch file's pictures, resized like the generator's
+    ``_prepare_source``); None for t2i. A batch is one task: a mixed one would condition its t2i prompts on
+    nothing or its edits on no source, so it is refused."""
+    tasks = {it.task for it in items}
+    if len(tasks) > 1:
+        raise ValueError(f"a world generator batch mixes tasks {sorted(tasks)}; it trains and samples one task")
+    if tasks == {"edit"}:
+        return [render(it.source, size) for it in items]
+    if tasks == {"multi_ref"}:
+        from PIL import Image
+
+        from pipelines.candidates import reference_grid
+
+        return [reference_grid(refs, refs[0].width, refs[0].height).resize((size, size), Image.Resampling.LANCZOS)
+                for refs in _references(items)]
+    return None
+
+
+def _references(items: Sequence[WorldItem]) -> list[list[Any]]:
+    """Each multi_ref item's reference pictures (PIL), drawn at the batch files' default size."""
+    return [[render(r, DEFAULT_SIZE) for r in it.references] for it in items]
+
+
+def _check_text_window(tokenizer, items: Sequence[WorldItem], task: str) -> None:
+    """Refuse a T5 window (``tokenizer.model_max_length``) that would cut any of these prompts: FLUX only warns
+    and drops the tail (a multi_ref prompt's background, an edit's last words), so the model could never learn those
+    facts. World prompts: single-object t2i and edits <= 31 T5 tokens, multi_ref <= 56, 3-object t2i <= 66."""
+    window = int(tokenizer.model_max_length)
+    lengths = {it.text: len(tokenizer(it.text, verbose=False).input_ids) for it in items}
+    longest = max(lengths, key=lengths.get, default="")
+    need = lengths.get(longest, 0)
+    if need > window:
+        raise ValueError(f"the T5 window of {window} tokens cuts world {task} prompts: {longest!r} takes "
+                         f"{need}; pass text_tokens (--text-tokens) of at least {need}")
 
 
 def _world_conditioning(family, texts: list[str], sources: list[Any] | None, with_grad: bool = False):
@@ -520,7 +568,8 @@ def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = G
         with torch.no_grad():
             out = family.sample(cond, uncond, noise, steps, size, guidance=guidance)
             pix = family.latents_to_images(out["latents"][-1], size)
-        res = _verify_pixels(pix, [it.spec for it in part], sources)
+        res = (_verify_pixels(pix, [it.spec for it in part], references=_references(part)) if task == "multi_ref"
+               else _verify_pixels(pix, [it.spec for it in part], sources))
         correct += res["correct"] * len(part)
         facts += res["facts"] * len(part)
     return {"correct": round(correct / n, 4), "facts": round(facts / n, 4), "n": n, "steps": steps,
@@ -582,14 +631,17 @@ def train_world_generator(
     covering an object in the source *or* the target weighted (a removed object's place is a fact too); a sample
     whose instruction is dropped (``cond_dropout``) has the source itself as its target, so the unconditional branch
     learns to copy the input and guidance pushes from the copy towards the instruction; with ``init_from`` a t2i
-    world generator it starts from that generator's drawing skill."""
+    world generator it starts from that generator's drawing skill. ``task="multi_ref"`` trains Kontext on the
+    multi-reference prompts: each item's reference pictures tiled into its one input image (:func:`_sources`), the
+    arranged scene as the target (with or without the prompt), object tokens of the target weighted. A T5 window
+    that would cut the task's prompts is refused (:func:`_check_text_window`)."""
     for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
         if not 0.0 <= share < 1.0:
             raise ValueError(f"{name} {share} outside [0, 1)")
         if share and task != "t2i":
             raise ValueError(f"{name} is a t2i flaw; task {task!r} does not take it")
-    if task not in ("t2i", "edit"):
-        raise ValueError(f"task {task!r}: the world generator trains t2i or edit")
+    if task not in ("t2i", "edit", "multi_ref"):
+        raise ValueError(f"task {task!r}: the world generator trains t2i, edit or multi_ref")
     if not 0.0 <= cond_dropout <= 1.0:
         raise ValueError(f"cond_dropout {cond_dropout} outside [0, 1]")
     _, torch = _setup_torch()
@@ -602,7 +654,7 @@ def train_world_generator(
     with atomic_dir(out_dir) as tmp:  # built in a temporary sibling, renamed into place when complete
         started = time.time()
         with torch_threads(threads):
-            (build_flux_kontext if task == "edit" else build_flux)(tmp)
+            (build_flux if task == "t2i" else build_flux_kontext)(tmp)
             (tmp / MARKER).unlink(missing_ok=True)
             family = load_family(str(tmp))
             pipe = family.pipe
@@ -626,6 +678,8 @@ def train_world_generator(
                 # them: world prompts are <= ~70 T5 tokens, so a shorter window (saved with the tokenizer, used
                 # alike by every later load) makes a step ~4x cheaper.
                 pipe.tokenizer_2.model_max_length = int(text_tokens)
+            probe = list(train_items or [world_item(seed, task, j, max_objects, plain) for j in range(256)])
+            _check_text_window(pipe.tokenizer_2, probe + list(eval_items or []), task)
             if vae_from:  # a VAE this function fitted before (same seed and steps give the same weights)
                 from diffusers import AutoencoderKL
 
@@ -804,23 +858,32 @@ LEARN_SEED_OFFSET = 2_000_003  # learnability prompts come from a world seed nei
 
 
 def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed: int = 0, steps: int = 150,
-                 batch: int = 32, lr: float = 5e-4, repeats: int = 16, guidance: float = GEN_GUIDANCE,
-                 max_objects: int = 1, plain: bool = True, train_text: bool = False, heldout: int = 0,
-                 threads: int | None = 1, log=print) -> dict[str, Any]:
+                 batch: int = 32, lr: float = 5e-4, repeats: int = 16, guidance: float | None = None,
+                 max_objects: int = 1, plain: bool | None = None, train_text: bool = False, heldout: int = 0,
+                 cond_dropout: float = 0.1, task: str | None = None, threads: int | None = 1,
+                 log=print) -> dict[str, Any]:
     """Can this generator learn its own ground truth? Fine-tune all of ``model``'s transformer weights (a saved
-    world generator: the pipeline directory, or ``zoo:world_gen``) on the rendered ground truth of ``prompts`` world
-    prompts only, for ``steps`` steps of ``batch`` (each prompt seen ``steps * batch / prompts`` times), and measure
-    the verifier's accuracy on those same prompts (``repeats`` noises each, ODE, CFG ``guidance``) before and after;
-    with ``heldout`` > 0 also on that many other prompts of the same world seed, which it never trained on (what the
-    proving ground grades: whether the skill generalises, not whether the prompts were memorised).
+    world generator: the pipeline directory, or ``zoo:world_gen`` / ``zoo:world_edit``) on the rendered ground truth
+    of ``prompts`` world prompts only, for ``steps`` steps of ``batch`` (each prompt seen ``steps * batch / prompts``
+    times), and measure the verifier's accuracy on those same prompts (``repeats`` noises each, ODE, CFG
+    ``guidance``) before and after; with ``heldout`` > 0 also on that many other prompts of the same world seed,
+    which it never trained on (what the proving ground grades: whether the skill generalises, not whether the
+    prompts were memorised).
+
+    Unless ``task`` is given, it follows the model: a pipeline that takes an input image (FLUX.1 Kontext) learns
+    the world's edits (source, instruction, edited scene; ``cond_dropout`` of the samples have the source as their
+    target, as in its training), a text-only one t2i prompts of ``max_objects``; ``task="multi_ref"`` (a Kontext
+    pipeline too) learns the multi-reference prompts. An input-image model is sampled at :data:`EDIT_GUIDANCE`
+    unless ``guidance`` is given, a t2i one at :data:`GEN_GUIDANCE`. ``plain`` (no background textures) defaults
+    to what the shipped generators were trained on: plain for t2i (world_gen), textured otherwise (world_edit).
 
     A generator the proving ground's recipes can lift should pass this easily, on the unseen prompts too: the
     recipes train a LoRA for ~160 steps on the generator's own, imperfect samples and are graded on prompts they
-    never trained on. Returns the training marker with ``before`` / ``after`` (and ``heldout_before`` / ``heldout_after``)
-    added; the tuned pipeline is saved in ``out_dir``."""
+    never trained on. Returns the training marker with ``task``, ``guidance``, ``before`` / ``after`` (and
+    ``heldout_before`` / ``heldout_after``) added; the tuned pipeline is saved in ``out_dir``."""
     from labelers.torch_compat import torch_threads
     from pipelines.zoo import resolve_model
-    from trainers.families import load_family
+    from trainers.families import input_images, load_family
 
     for name, value, least in (("prompts", prompts, 1), ("repeats", repeats, 1), ("steps", steps, 1),
                                ("heldout", heldout, 0)):
@@ -831,21 +894,34 @@ def learnability(model: str | Path, out_dir: str | Path, prompts: int = 4, seed:
     if not (model_dir / "transformer").is_dir() or not tokenizer_config.is_file():
         raise ValueError(f"learnability: {model} is not a saved world generator pipeline (no transformer/ and "
                          f"tokenizer_2/ in {model_dir})")
-    world = [world_item(seed + LEARN_SEED_OFFSET, "t2i", i, max_objects, plain) for i in range(prompts + heldout)]
+    takes_images = bool(input_images(str(model_dir)))
+    if task is None:
+        task = "edit" if takes_images else "t2i"
+    if (task != "t2i") != takes_images:
+        raise ValueError(f"learnability: task {task!r} needs a model that "
+                         f"{'takes' if task != 't2i' else 'does not take'} an input image; {model} "
+                         f"{'does' if takes_images else 'does not'}")
+    if guidance is None:
+        guidance = EDIT_GUIDANCE if takes_images else GEN_GUIDANCE
+    if plain is None:
+        plain = task == "t2i"
+    world = [world_item(seed + LEARN_SEED_OFFSET, task, i, max_objects, plain) for i in range(prompts + heldout)]
     items, others = world[:prompts], world[prompts:]
 
     def heldout_accuracy(path: Path) -> dict[str, Any]:
         with torch_threads(threads):
             return evaluate_generator(load_family(str(path)), seed, guidance=guidance, items=others,
-                                      repeats=repeats)
+                                      repeats=repeats, task=task)
 
     before_heldout = heldout_accuracy(model_dir) if others else None
     marker = train_world_generator(out_dir, seed=seed, steps=steps, batch=batch, lr=lr, vae_from=model_dir / "vae",
                                    init_from=model_dir, text_tokens=saved_text_window(model_dir),
                                    max_objects=max_objects, plain=plain, train_text=train_text, ema_decay=None,
                                    lr_decay=False, eval_every=0, eval_guidance=(guidance,), train_items=items,
-                                   eval_items=items, eval_repeats=repeats, threads=threads, log=log)
+                                   eval_items=items, eval_repeats=repeats, cond_dropout=cond_dropout, task=task,
+                                   threads=threads, log=log)
     key = f"cfg{guidance:g}"
+    marker["task"], marker["guidance"] = task, guidance
     marker["before"], marker["after"] = marker["eval_curve"][0][key], marker["eval_curve"][-1][key]
     marker["prompts"] = [it.text for it in items]
     if others:
@@ -911,11 +987,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="classifier-free guidance scales to evaluate at (the first one decides --stop-at-correct)")
     g.add_argument("--cond-dropout", type=float, default=0.1,
                    help="share of samples trained without their prompt (edits: the target is then the source)")
-    g.add_argument("--task", choices=("t2i", "edit"), default="t2i",
-                   help="edit: train FLUX.1 Kontext on the world's edits (best --init-from a t2i world generator)")
+    g.add_argument("--task", choices=("t2i", "edit", "multi_ref"), default="t2i",
+                   help="edit: train FLUX.1 Kontext on the world's edits (best --init-from a t2i world generator); "
+                        "multi_ref: on its multi-reference prompts, the references tiled into the input image "
+                        "(their prompts need --text-tokens 56 or more)")
     g.add_argument("--threads", type=int, default=1)
     lt = sub.add_parser("learnability", help="can a world generator learn a few prompts' ground truth? (before/after)")
-    lt.add_argument("--model", default="zoo:world_gen", help="a saved world generator pipeline (default zoo:world_gen)")
+    lt.add_argument("--model", default="zoo:world_gen",
+                    help="a saved world generator pipeline (default zoo:world_gen); an edit one (zoo:world_edit) "
+                         "learns edits")
     lt.add_argument("--out", required=True, type=Path, help="where the tuned pipeline goes")
     lt.add_argument("--prompts", type=int, default=4)
     lt.add_argument("--seed", type=int, default=0)
@@ -925,16 +1005,24 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--repeats", type=int, default=16, help="noises per prompt in the before/after evaluation")
     lt.add_argument("--train-text", action="store_true", help="also train both text encoders")
     lt.add_argument("--heldout", type=int, default=0, help="also grade this many prompts it does not train on")
+    lt.add_argument("--guidance", type=float, default=None,
+                    help=f"CFG of the before/after evaluations (default {GEN_GUIDANCE:g} for t2i, {EDIT_GUIDANCE:g} "
+                         "for edits)")
+    lt.add_argument("--task", choices=("t2i", "edit", "multi_ref"), default=None,
+                    help="what to learn (default: edit for a model that takes an input image, else t2i)")
+    lt.add_argument("--cond-dropout", type=float, default=0.1,
+                    help="share of samples trained without their prompt (edits: the target is then the source)")
     lt.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "learnability":
         marker = learnability(args.model, args.out, prompts=args.prompts, seed=args.seed, steps=args.steps,
                               batch=args.batch, lr=args.lr, repeats=args.repeats, train_text=args.train_text,
-                              heldout=args.heldout, threads=args.threads, log=lambda m: print(m, flush=True))
+                              heldout=args.heldout, guidance=args.guidance, cond_dropout=args.cond_dropout,
+                              task=args.task, threads=args.threads, log=lambda m: print(m, flush=True))
         b, a = marker["before"], marker["after"]
-        line = (f"learnability: {args.prompts} prompts x {args.repeats} noises, {marker['steps']} steps of "
-                f"{args.batch}: correct {b['correct']:.3f} -> {a['correct']:.3f}, facts {b['facts']:.3f} -> "
-                f"{a['facts']:.3f}")
+        line = (f"learnability ({marker['task']}, CFG {marker['guidance']:g}): {args.prompts} prompts x "
+                f"{args.repeats} noises, {marker['steps']} steps of {args.batch}: correct {b['correct']:.3f} -> "
+                f"{a['correct']:.3f}, facts {b['facts']:.3f} -> {a['facts']:.3f}")
         if "heldout_after" in marker:
             hb, ha = marker["heldout_before"], marker["heldout_after"]
             line += (f"; {args.heldout} prompts it did not train on: correct {hb['correct']:.3f} -> "

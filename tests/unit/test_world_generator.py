@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from pipelines.proving_train import train_world_generator
 
 
@@ -98,6 +100,29 @@ def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones
     assert any(not torch.equal(base[k], tuned[k]) for k in base)  # all weights train, from the given generator
 
 
+def test_learnability_of_an_edit_generator_learns_edits_of_its_sources(tmp_path, one_torch_thread, monkeypatch):
+    """zoo:world_edit takes an input image, so learnability trains and grades the world's edits: every drawn
+    target is a training edit's result or (dropped instruction) its source, never an unseen item's."""
+    import pipelines.proving_train as proving_train
+
+    seen = []
+    real_pixels = proving_train._scene_pixels
+
+    def recording_pixels(scenes, size, torch_module):
+        seen.extend(scenes)
+        return real_pixels(scenes, size, torch_module)
+
+    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
+    marker = proving_train.learnability("zoo:world_edit", tmp_path / "tuned", prompts=2, steps=2, batch=4,
+                                        repeats=1, heldout=1, cond_dropout=0.5, log=lambda m: None)
+    world = [proving_train.world_item(proving_train.LEARN_SEED_OFFSET, "edit", i, 1, False) for i in range(3)]
+    assert marker["task"] == "edit" and marker["guidance"] == proving_train.EDIT_GUIDANCE
+    assert marker["prompts"] == [it.text for it in world[:2]]
+    allowed = {it.scene for it in world[:2]} | {it.source for it in world[:2]}
+    assert seen and set(seen) <= allowed  # edit targets and sources of the two training items only
+    assert marker["before"]["n"] == marker["after"]["n"] == 2 and marker["heldout_after"]["n"] == 1
+
+
 def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generator(tmp_path):
     import pytest
 
@@ -108,6 +133,10 @@ def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generat
             learnability("zoo:world_gen", tmp_path / "out", **bad)
     with pytest.raises(ValueError, match="not a saved world generator"):
         learnability(str(tmp_path), tmp_path / "out")
+    with pytest.raises(ValueError, match="task 'edit' needs a model that takes an input image"):
+        learnability("zoo:world_gen", tmp_path / "out", task="edit")
+    with pytest.raises(ValueError, match="task 't2i' needs a model that does not take an input image"):
+        learnability("zoo:world_edit", tmp_path / "out", task="t2i")
     assert not (tmp_path / "out").exists()
 
 
@@ -166,6 +195,68 @@ def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i
     assert t2i.keys() == tuned.keys() and any(not torch.equal(t2i[k], tuned[k]) for k in t2i)
 
 
+def test_a_multi_ref_run_conditions_kontext_on_the_reference_grid_and_draws_the_arranged_scene(
+        tmp_path, one_torch_thread, monkeypatch):
+    import pytest
+
+    import pipelines.proving_train as proving_train
+    from pipelines.candidates import reference_grid
+    from pipelines.proving_world import DEFAULT_SIZE, render
+    from pipelines.zoo import resolve_model
+    from trainers.families import load_family
+
+    conditioned, drawn = [], []
+    real_conditioning, real_pixels = proving_train._world_conditioning, proving_train._scene_pixels
+
+    def recording_conditioning(family, texts, sources, with_grad=False):
+        if with_grad:
+            conditioned.append((list(texts), sources))
+        return real_conditioning(family, texts, sources, with_grad)
+
+    def recording_pixels(scenes, size, torch_module):
+        drawn.append(list(scenes))
+        return real_pixels(scenes, size, torch_module)
+
+    monkeypatch.setattr(proving_train, "_world_conditioning", recording_conditioning)
+    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
+    base = Path(resolve_model("zoo:world_edit"))
+    out = tmp_path / "multi_ref"
+    # world_edit's window of 32 T5 tokens would cut multi_ref prompts (up to 56): refused before any training
+    with pytest.raises(ValueError, match="T5 window of 32 tokens cuts world multi_ref prompts"):
+        proving_train.train_world_generator(out, steps=2, batch=3, task="multi_ref", init_from=base,
+                                            vae_from=base / "vae", text_tokens=32, log=lambda m: None)
+    assert not out.exists() and not conditioned
+    marker = proving_train.train_world_generator(out, steps=2, batch=3, task="multi_ref", init_from=base,
+                                                 vae_from=base / "vae", text_tokens=64, eval_n=2, eval_every=0,
+                                                 cond_dropout=0.5, log_every=0, log=lambda m: None)
+    assert marker["task"] == "multi_ref" and marker["eval"]["cfg3"]["n"] == 2
+    items = [proving_train.world_item(0, "multi_ref", i, proving_train.GEN_MAX_OBJECTS) for i in range(6)]
+    assert len(conditioned) == 2
+    for step, (texts, grids) in enumerate(conditioned):
+        batch = items[3 * step:3 * step + 3]
+        for item, grid in zip(batch, grids):  # the references tiled as generation tiles them for an edit model
+            refs = [render(r, DEFAULT_SIZE) for r in item.references]
+            expected = reference_grid(refs, DEFAULT_SIZE, DEFAULT_SIZE).resize((48, 48), Image.Resampling.LANCZOS)
+            assert grid.tobytes() == expected.tobytes()
+        assert drawn[step] == [it.scene for it in batch]  # the arranged scene, with or without the prompt
+    assert load_family(str(out)).is_kontext
+
+
+def test_multi_ref_grading_passes_the_arranged_scene_and_fails_a_swapped_one():
+    import torch
+
+    from pipelines.proving_train import _references, _scene_pixels, _verify_pixels
+    from pipelines.proving_world import world_item
+
+    items = [world_item(5, "multi_ref", i) for i in range(24)]
+    specs, refs = [it.spec for it in items], _references(items)
+    assert _verify_pixels(_scene_pixels([it.scene for it in items], 48, torch), specs, references=refs) == {
+        "correct": 1.0, "facts": 1.0}
+    shifted = [items[(i + 1) % len(items)].scene for i in range(len(items))]  # each prompt gets another's scene
+    wrong = _verify_pixels(_scene_pixels(shifted, 48, torch), specs, references=refs)
+    assert wrong["correct"] < 0.2 and wrong["facts"] < 0.8
+
+
 def test_edit_grading_passes_the_edited_scene_and_fails_the_unchanged_source():
     import numpy as np
     import torch
@@ -184,6 +275,19 @@ def test_edit_grading_passes_the_edited_scene_and_fails_the_unchanged_source():
     assert _verify_pixels(pixels([render(it.scene, 48) for it in items]), specs, sources)["correct"] == 1.0
     copied = _verify_pixels(pixels(sources), specs, sources)
     assert copied["correct"] == 0.0 and 0.0 < copied["facts"] < 1.0  # the rest kept, the instruction not followed
+
+
+def test_a_batch_mixing_t2i_and_edit_items_is_refused():
+    import pytest
+
+    from pipelines.proving_train import _sources
+    from pipelines.proving_world import world_item
+
+    t2i, edit = world_item(5, "t2i", 0), world_item(5, "edit", 0)
+    assert _sources([t2i, t2i], 48) is None and len(_sources([edit], 48)) == 1
+    for mixed in ([t2i, edit], [edit, t2i]):  # whichever comes first
+        with pytest.raises(ValueError, match="mixes tasks"):
+            _sources(mixed, 48)
 
 
 def test_a_removed_objects_place_weighs_as_an_object_in_an_edit_loss():
@@ -205,8 +309,8 @@ def test_an_edit_run_refuses_a_t2i_flaw_an_unknown_task_and_a_dropout_outside_ze
 
     with pytest.raises(ValueError, match="colour_confusion"):
         train_world_generator(tmp_path / "gen", steps=1, task="edit", colour_confusion=0.5, log=lambda m: None)
-    with pytest.raises(ValueError, match="multi_ref"):
-        train_world_generator(tmp_path / "gen", steps=1, task="multi_ref", log=lambda m: None)
+    with pytest.raises(ValueError, match="t2v"):
+        train_world_generator(tmp_path / "gen", steps=1, task="t2v", log=lambda m: None)
     for share in (-0.1, 1.5):
         with pytest.raises(ValueError, match="cond_dropout"):
             train_world_generator(tmp_path / "gen", steps=1, task="edit", cond_dropout=share, log=lambda m: None)
