@@ -8,7 +8,25 @@ from pathlib import Path
 
 from PIL import Image
 
+import pytest
+
 from pipelines.proving_train import train_world_generator
+
+
+@pytest.fixture
+def drawn_scenes(monkeypatch):
+    """Every batch of scenes the world generator's loop draws as targets (its ``_scene_pixels`` calls), in order."""
+    import pipelines.proving_train as proving_train
+
+    drawn = []
+    real_pixels = proving_train._scene_pixels
+
+    def recording_pixels(scenes, size, torch_module):
+        drawn.append(list(scenes))
+        return real_pixels(scenes, size, torch_module)
+
+    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
+    return drawn
 
 
 def test_a_short_run_saves_a_loadable_pipeline_with_trained_text_encoders(tmp_path, one_torch_thread):
@@ -62,8 +80,6 @@ def test_background_confusion_paints_the_partner_background_and_keeps_the_object
 
 
 def test_confusion_outside_zero_to_one_is_refused(tmp_path):
-    import pytest
-
     for name in ("colour_confusion", "background_confusion"):
         with pytest.raises(ValueError, match=name):
             train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, **{name: 1.0})
@@ -71,26 +87,19 @@ def test_confusion_outside_zero_to_one_is_refused(tmp_path):
 
 
 def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones_before_and_after(
-        tmp_path, one_torch_thread, monkeypatch):
+        tmp_path, one_torch_thread, drawn_scenes):
     import torch
     from safetensors.torch import load_file
 
     import pipelines.proving_train as proving_train
     from pipelines.zoo import resolve_model
 
-    seen = []
-    real_pixels = proving_train._scene_pixels
-
-    def recording_pixels(scenes, size, torch_module):
-        seen.extend(scenes)
-        return real_pixels(scenes, size, torch_module)
-
-    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
     out = tmp_path / "tuned"
     marker = proving_train.learnability("zoo:world_gen", out, prompts=2, steps=2, batch=4, repeats=1, heldout=1,
                                         log=lambda m: None)
     world = [proving_train.world_item(proving_train.LEARN_SEED_OFFSET, "t2i", i, 1, True) for i in range(3)]
     assert marker["prompts"] == marker["train_items"] == [it.text for it in world[:2]]
+    seen = [scene for batch in drawn_scenes for scene in batch]
     assert len(seen) == 2 * 4 and set(seen) == {it.scene for it in world[:2]}  # never the unseen prompt
     assert marker["before"]["n"] == marker["after"]["n"] == 2
     assert marker["heldout_before"]["n"] == marker["heldout_after"]["n"] == 1
@@ -100,32 +109,23 @@ def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones
     assert any(not torch.equal(base[k], tuned[k]) for k in base)  # all weights train, from the given generator
 
 
-def test_learnability_of_an_edit_generator_learns_edits_of_its_sources(tmp_path, one_torch_thread, monkeypatch):
+def test_learnability_of_an_edit_generator_learns_edits_of_its_sources(tmp_path, one_torch_thread, drawn_scenes):
     """zoo:world_edit takes an input image, so learnability trains and grades the world's edits: every drawn
     target is a training edit's result or (dropped instruction) its source, never an unseen item's."""
     import pipelines.proving_train as proving_train
 
-    seen = []
-    real_pixels = proving_train._scene_pixels
-
-    def recording_pixels(scenes, size, torch_module):
-        seen.extend(scenes)
-        return real_pixels(scenes, size, torch_module)
-
-    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
     marker = proving_train.learnability("zoo:world_edit", tmp_path / "tuned", prompts=2, steps=2, batch=4,
                                         repeats=1, heldout=1, cond_dropout=0.5, log=lambda m: None)
     world = [proving_train.world_item(proving_train.LEARN_SEED_OFFSET, "edit", i, 1, False) for i in range(3)]
     assert marker["task"] == "edit" and marker["guidance"] == proving_train.EDIT_GUIDANCE
     assert marker["prompts"] == [it.text for it in world[:2]]
     allowed = {it.scene for it in world[:2]} | {it.source for it in world[:2]}
-    assert seen and set(seen) <= allowed  # edit targets and sources of the two training items only
+    seen = {scene for batch in drawn_scenes for scene in batch}
+    assert seen and seen <= allowed  # edit targets and sources of the two training items only
     assert marker["before"]["n"] == marker["after"]["n"] == 2 and marker["heldout_after"]["n"] == 1
 
 
 def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generator(tmp_path):
-    import pytest
-
     from pipelines.proving_train import learnability
 
     for bad in ({"prompts": 0}, {"repeats": 0}, {"steps": 0}, {"heldout": -1}):
@@ -141,7 +141,7 @@ def test_learnability_refuses_no_prompts_and_a_model_that_is_not_a_world_generat
 
 
 def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i_world_generator(
-        tmp_path, one_torch_thread, monkeypatch):
+        tmp_path, one_torch_thread, monkeypatch, drawn_scenes):
     import torch
     from safetensors.torch import load_file
 
@@ -158,15 +158,7 @@ def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i
         conditioned.append((list(texts), sources, with_grad, cond.tensors.get("image_latents")))
         return cond
 
-    drawn = []
-    real_pixels = proving_train._scene_pixels
-
-    def recording_pixels(scenes, size, torch_module):
-        drawn.append(list(scenes))
-        return real_pixels(scenes, size, torch_module)
-
     monkeypatch.setattr(proving_train, "_world_conditioning", recording_conditioning)
-    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
     base = Path(resolve_model("zoo:world_gen"))
     out = tmp_path / "edit"
     marker = proving_train.train_world_generator(out, steps=2, batch=3, task="edit", init_from=base,
@@ -185,7 +177,7 @@ def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i
         assert [s.tobytes() for s in sources] == [render(it.source, 48).tobytes() for it in batch]
         assert latents is not None and latents.shape[0] == 3
         # the target is the edited scene; without the instruction it is the source (the copy CFG pushes from)
-        assert drawn[step] == [it.scene if t else it.source for it, t in zip(batch, texts)]
+        assert drawn_scenes[step] == [it.scene if t else it.source for it, t in zip(batch, texts)]
         dropped += texts.count("")
     assert 0 < dropped < 6
     family = load_family(str(out))
@@ -196,29 +188,22 @@ def test_an_edit_run_trains_flux_kontext_on_source_instruction_target_from_a_t2i
 
 
 def test_a_multi_ref_run_conditions_kontext_on_the_reference_grid_and_draws_the_arranged_scene(
-        tmp_path, one_torch_thread, monkeypatch):
-    import pytest
-
+        tmp_path, one_torch_thread, monkeypatch, drawn_scenes):
     import pipelines.proving_train as proving_train
     from pipelines.candidates import reference_grid
     from pipelines.proving_world import DEFAULT_SIZE, render
     from pipelines.zoo import resolve_model
     from trainers.families import load_family
 
-    conditioned, drawn = [], []
-    real_conditioning, real_pixels = proving_train._world_conditioning, proving_train._scene_pixels
+    conditioned = []
+    real_conditioning = proving_train._world_conditioning
 
     def recording_conditioning(family, texts, sources, with_grad=False):
         if with_grad:
             conditioned.append((list(texts), sources))
         return real_conditioning(family, texts, sources, with_grad)
 
-    def recording_pixels(scenes, size, torch_module):
-        drawn.append(list(scenes))
-        return real_pixels(scenes, size, torch_module)
-
     monkeypatch.setattr(proving_train, "_world_conditioning", recording_conditioning)
-    monkeypatch.setattr(proving_train, "_scene_pixels", recording_pixels)
     base = Path(resolve_model("zoo:world_edit"))
     out = tmp_path / "multi_ref"
     # world_edit's window of 32 T5 tokens would cut multi_ref prompts (up to 56): refused before any training
@@ -238,7 +223,7 @@ def test_a_multi_ref_run_conditions_kontext_on_the_reference_grid_and_draws_the_
             refs = [render(r, DEFAULT_SIZE) for r in item.references]
             expected = reference_grid(refs, DEFAULT_SIZE, DEFAULT_SIZE).resize((48, 48), Image.Resampling.LANCZOS)
             assert grid.tobytes() == expected.tobytes()
-        assert drawn[step] == [it.scene for it in batch]  # the arranged scene, with or without the prompt
+        assert drawn_scenes[step] == [it.scene for it in batch]  # the arranged scene, with or without the prompt
     assert load_family(str(out)).is_kontext
 
 
@@ -278,8 +263,6 @@ def test_edit_grading_passes_the_edited_scene_and_fails_the_unchanged_source():
 
 
 def test_a_batch_mixing_t2i_and_edit_items_is_refused():
-    import pytest
-
     from pipelines.proving_train import _sources
     from pipelines.proving_world import world_item
 
@@ -305,8 +288,6 @@ def test_a_removed_objects_place_weighs_as_an_object_in_an_edit_loss():
 
 
 def test_an_edit_run_refuses_a_t2i_flaw_an_unknown_task_and_a_dropout_outside_zero_to_one(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="colour_confusion"):
         train_world_generator(tmp_path / "gen", steps=1, task="edit", colour_confusion=0.5, log=lambda m: None)
     with pytest.raises(ValueError, match="t2v"):
