@@ -497,12 +497,13 @@ def _bigger_flux_transformer(heads: int, layers: int, single_layers: int, seed: 
         axes_dims_rope=list(axes))
 
 
-def _sources(items: Sequence[WorldItem], size: int) -> list[Any] | None:
+def _sources(items: Sequence[WorldItem], size: int,
+             references: Sequence[Sequence[Any]] | None = None) -> list[Any] | None:
     """The input image of each item (PIL, ``size`` px): an edit's source scene; for multi_ref its reference
-    pictures tiled into one grid, as prefmill conditions a single-image edit model on references
-    (:func:`pipelines.candidates.reference_grid` of the batch file's pictures, resized like the generator's
-    ``_prepare_source``); None for t2i. A batch is one task: a mixed one would condition its t2i prompts on
-    nothing or its edits on no source, so it is refused."""
+    pictures (``references``, else :func:`_references`) tiled into one grid, as prefmill conditions a single-image
+    edit model on references (:func:`pipelines.candidates.reference_grid` of the batch file's pictures, resized like
+    the generator's ``_prepare_source``); None for t2i. A batch is one task: a mixed one would condition its t2i
+    prompts on nothing or its edits on no source, so it is refused."""
     tasks = {it.task for it in items}
     if len(tasks) > 1:
         raise ValueError(f"a world generator batch mixes tasks {sorted(tasks)}; it trains and samples one task")
@@ -514,7 +515,7 @@ def _sources(items: Sequence[WorldItem], size: int) -> list[Any] | None:
         from pipelines.candidates import reference_grid
 
         return [reference_grid(refs, refs[0].width, refs[0].height).resize((size, size), Image.Resampling.LANCZOS)
-                for refs in _references(items)]
+                for refs in (references if references is not None else _references(items))]
     return None
 
 
@@ -537,8 +538,8 @@ def _check_text_window(tokenizer, items: Sequence[WorldItem], task: str) -> None
 
 
 def _world_conditioning(family, texts: list[str], sources: list[Any] | None, with_grad: bool = False):
-    """The FLUX family's conditioning of ``texts`` (and, for edits, each text's source image as the Kontext input
-    image); ``with_grad`` lets gradients flow into both text encoders."""
+    """The FLUX family's conditioning of ``texts`` (and, for edit and multi_ref, each text's input image from
+    :func:`_sources` as the Kontext input image); ``with_grad`` lets gradients flow into both text encoders."""
     return family.encode(texts, [[im] for im in sources] if sources is not None else None, text_grad=with_grad)
 
 
@@ -546,10 +547,11 @@ def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = G
                        steps: int = GEN_SAMPLE_STEPS, guidance: float = 1.0, batch: int = 32,
                        max_objects: int = GEN_MAX_OBJECTS, items: Sequence[WorldItem] | None = None,
                        repeats: int = 1, task: str = "t2i") -> dict[str, Any]:
-    """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out ``task`` prompts (t2i, or edit: the source image is
-    the input image) of the world of ``seed + EVAL_SEED_OFFSET`` (or for the given ``items``, each ``repeats`` times
-    from different noise) and check each image's facts with the verifier: ``correct`` — share of images with every
-    fact passed; ``facts`` — mean share of facts passed per image."""
+    """Generate (ODE, ``steps`` Euler steps) for ``n`` held-out ``task`` prompts (t2i; edit: the source image is
+    the input image; multi_ref: the grid of its reference pictures) of the world of ``seed + EVAL_SEED_OFFSET`` (or
+    for the given ``items``, each ``repeats`` times from different noise) and check each image's facts with the
+    verifier: ``correct`` — share of images with every fact passed; ``facts`` — mean share of facts passed per
+    image."""
     import torch
 
     eval_seed = seed + EVAL_SEED_OFFSET
@@ -560,7 +562,8 @@ def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = G
     correct, facts = 0.0, 0.0
     for start in range(0, n, batch):
         part = items[start:start + batch]
-        sources = _sources(part, size)
+        references = _references(part) if task == "multi_ref" else None  # drawn once: conditioning and grading
+        sources = _sources(part, size, references)
         cond = _world_conditioning(family, [it.text for it in part], sources)
         uncond = _world_conditioning(family, [""] * len(part), sources) if guidance > 1 else None
         gens = [torch.Generator().manual_seed(eval_seed * 7919 + start + j) for j in range(len(part))]
@@ -568,8 +571,7 @@ def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = G
         with torch.no_grad():
             out = family.sample(cond, uncond, noise, steps, size, guidance=guidance)
             pix = family.latents_to_images(out["latents"][-1], size)
-        res = (_verify_pixels(pix, [it.spec for it in part], references=_references(part)) if task == "multi_ref"
-               else _verify_pixels(pix, [it.spec for it in part], sources))
+        res = _verify_pixels(pix, [it.spec for it in part], sources, references)
         correct += res["correct"] * len(part)
         facts += res["facts"] * len(part)
     return {"correct": round(correct / n, 4), "facts": round(facts / n, 4), "n": n, "steps": steps,
