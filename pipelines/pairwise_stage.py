@@ -64,15 +64,15 @@ def verdicts_frame(verdicts):
 
 def pairwise_partition(pairwise_judge, labels, prompts, images: dict, out_dir: Path, settings: dict[str, Any],
                        batch_size: int, log: Callable[[str], None] = print):
-    """Returns (pairs, drops, verdicts table). Verdicts are written to ``out_dir/verdicts.parquet``."""
+    """Returns (pairs, drops, verdicts table). Verdicts are written to ``out_dir/verdicts.parquet``. ``settings``:
+    a validated pairwise ``pairs`` section's ``max_pairs_per_prompt``, ``bt_prior`` and ``tie_policy``."""
     from labelers.pairwise import verdicts_to_pairs
     from pipelines.io import write_parquet
 
     prompts_by_id = {row["prompt_id"]: row for row in prompts.iter_rows(named=True)}
-    triples = candidate_pairs(labels, settings.get("max_pairs_per_prompt", 6))
+    triples = candidate_pairs(labels, settings["max_pairs_per_prompt"])
     verdicts = judge_pairs(pairwise_judge, triples, prompts_by_id, images, batch_size, log)
     table = verdicts_frame(verdicts)
     write_parquet(table, out_dir / "verdicts.parquet")
-    pairs, drops = verdicts_to_pairs(verdicts, prior=settings.get("bt_prior", 0.1),
-                                     tie_policy="keep" if settings.get("tie_policy") == "keep" else "drop")
+    pairs, drops = verdicts_to_pairs(verdicts, prior=settings["bt_prior"], tie_policy=settings["tie_policy"])
     return pairs, drops, table

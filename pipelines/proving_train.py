@@ -1014,13 +1014,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="what to learn (default: edit for a model that takes an input image, else t2i)")
     lt.add_argument("--cond-dropout", type=float, default=0.1,
                     help="share of samples trained without their prompt (edits: the target is then the source)")
+    lt.add_argument("--plain", action=argparse.BooleanOptionalAction, default=None,
+                    help="scenes without background textures, or (--no-plain) with them (default: what the shipped "
+                         "generators trained on: plain for t2i, textured otherwise)")
     lt.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "learnability":
         marker = learnability(args.model, args.out, prompts=args.prompts, seed=args.seed, steps=args.steps,
                               batch=args.batch, lr=args.lr, repeats=args.repeats, train_text=args.train_text,
                               heldout=args.heldout, guidance=args.guidance, cond_dropout=args.cond_dropout,
-                              task=args.task, threads=args.threads, log=lambda m: print(m, flush=True))
+                              task=args.task, plain=args.plain, threads=args.threads, log=lambda m: print(m, flush=True))
         b, a = marker["before"], marker["after"]
         line = (f"learnability ({marker['task']}, CFG {marker['guidance']:g}): {args.prompts} prompts x "
                 f"{args.repeats} noises, {marker['steps']} steps of {args.batch}: correct {b['correct']:.3f} -> "

@@ -128,7 +128,8 @@ class PairwiseSelector:
     """``pairs.mode: pairwise``: the judge compares each candidate pair in both orders and Bradley-Terry strengths
     are fitted to the verdicts (``pipelines.pairwise_stage.pairwise_partition``)."""
 
-    settings: dict[str, Any] = field(default_factory=dict)  # max_pairs_per_prompt, bt_prior, tie_policy
+    # max_pairs_per_prompt, bt_prior, tie_policy: the profile's, else the schema's defaults (their one home)
+    settings: dict[str, Any] = field(default_factory=lambda: _selector_settings(schema.PairwisePairs(mode="pairwise")))
     mode: str = "pairwise"
 
     def __call__(self, labels: Any, *, judge: Any, prompts: Any, images: dict, out_dir: Path, batch_size: int,
@@ -141,11 +142,17 @@ class PairwiseSelector:
                                   batch_size, log)
 
 
+def _selector_settings(pairs: Any) -> dict[str, Any]:
+    """A validated ``pairs`` section's settings (defaults filled in), without its ``mode``."""
+    settings = pairs.model_dump(mode="python")
+    settings.pop("mode", None)
+    return settings
+
+
 def pair_selector_from_profile(section: Any) -> PointwiseSelector | PairwiseSelector:
     """The pair selector of a profile's ``pairs`` section (or of the profile dict)."""
     pairs = pairs_section(section)
-    settings = pairs.model_dump(mode="python")
-    settings.pop("mode", None)
+    settings = _selector_settings(pairs)
     if isinstance(pairs, schema.PairwisePairs):
         return PairwiseSelector(settings=settings)
     return PointwiseSelector(kwargs=settings)

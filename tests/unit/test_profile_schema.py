@@ -357,6 +357,8 @@ def test_pair_selector_factory(tmp_path, pairs):
     else:
         assert isinstance(selector, PairwiseSelector)
         assert selector.settings == {"max_pairs_per_prompt": 3, "bt_prior": 0.1, "tie_policy": "drop"}
+        # a selector built in code takes the schema's defaults, so pairwise_partition needs no copies of them
+        assert PairwiseSelector().settings == {"max_pairs_per_prompt": 6, "bt_prior": 0.1, "tie_policy": "drop"}
 
 
 def test_pointwise_selector_selects_pairs():

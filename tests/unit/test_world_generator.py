@@ -308,3 +308,19 @@ def test_a_continued_generator_run_keeps_the_t5_window_it_continues_unless_told_
     assert _cli_text_tokens(None, None) == GEN_TEXT_TOKENS  # from scratch: the default
     assert _cli_text_tokens(64, shipped) == 64  # given: as given
     assert _cli_text_tokens(0, None) is None  # 0: the zoo's full 512 window
+
+
+def test_the_learnability_command_passes_plain_through_and_leaves_the_default_to_the_task(monkeypatch, tmp_path):
+    import pipelines.proving_train as proving_train
+
+    seen = []
+
+    def recording_learnability(model, out_dir, **options):
+        seen.append(options["plain"])
+        score = {"correct": 0.25, "facts": 0.5}
+        return {"task": "t2i", "guidance": 3.0, "steps": 1, "before": score, "after": score}
+
+    monkeypatch.setattr(proving_train, "learnability", recording_learnability)
+    for flags in (["--plain"], ["--no-plain"], []):
+        assert proving_train.main(["learnability", "--out", str(tmp_path), *flags]) == 0
+    assert seen == [True, False, None]  # None: learnability picks plain for t2i, textured for edits
