@@ -378,6 +378,18 @@ class CheckpointManager:
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def start(self, resume: bool, unet, optimizer, config: Any) -> tuple[int, dict[str, Any], Path | None]:
+        """Where a run starts: with ``resume`` off the checkpoints are cleared and it starts at step 0; otherwise the
+        latest checkpoint (if any) is loaded. Returns ``(start_step, extra, the loaded checkpoint or None)``."""
+        if not resume:
+            self.clear()
+            return 0, {}, None
+        latest = self.latest()
+        if latest is None:
+            return 0, {}, None
+        state = self.load(latest[1], unet, optimizer, config)
+        return int(state["step"]), dict(state.get("extra") or {}), latest[1]
+
 
 def remove_stale_training_temps(output_dir: str | os.PathLike, started_at: float | None = None) -> list[Path]:
     """Remove what a killed trainer left in ``output_dir`` and its ``checkpoints/``: half-built checkpoints
@@ -462,19 +474,12 @@ def prepare_training(cfg: Any, *, loss_key: str = "loss", modules=None) -> Train
 
     checkpoints = CheckpointManager(out, cfg.checkpoint_every, getattr(cfg, "keep_checkpoints", 2),
                                     modules=extra_modules, family=family)
-    start_step, extra = 0, {}
-    if not getattr(cfg, "resume", True):
-        checkpoints.clear()
-    else:
-        latest = checkpoints.latest()
-        if latest is not None:
-            state = checkpoints.load(latest[1], unet, optimizer, cfg)
-            start_step, extra = int(state["step"]), dict(state.get("extra") or {})
+    start_step, extra, resumed_from = checkpoints.start(getattr(cfg, "resume", True), unet, optimizer, cfg)
     unet, optimizer, *prepared = accelerator.prepare(unet, optimizer, *extra_modules.values())
     family.set_forward_module(unet)
     logger = MetricsLogger(out, resume_step=start_step, enabled=accelerator.is_main_process, loss_key=loss_key)
     if start_step:
-        logger.info(f"resumed from {latest[1]} at step {start_step}")  # type: ignore[index]
+        logger.info(f"resumed from {resumed_from} at step {start_step}")
     write_json(out / "config.json", config_to_dict(cfg))
     return TrainingSetup(cfg, accelerator, pipe, unet, optimizer, params, logger, checkpoints, start_step, extra,
                          lora, out, dict(zip(extra_modules, prepared)), family)

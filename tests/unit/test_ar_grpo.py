@@ -3,6 +3,7 @@ the step's samples diverse, the entropy coefficient adapts toward its target; pl
 CLIP / LOO-FID reward path with held-out selection and the saved adapter."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -160,3 +161,17 @@ def test_tiny_ar_profile_section_builds_the_config_and_the_asset_is_registered()
     assert cfg.guidance_scale == 1.0 and cfg.reward_weights["loo_fid"] > 0
     assert not load_profile("tiny").get("ar_grpo")  # the default demo never runs it
     assert "ar_grpo_run" in {k.to_user_string() for a in ALL_ASSETS for k in getattr(a, "keys", [])}
+
+
+def test_a_resumed_run_continues_from_its_checkpoint_as_if_never_stopped(tmp_path, caplog):
+    """Stopped after step 2 and run again with more steps, AR GRPO loads the checkpoint (adapter, optimizer, the
+    entropy coefficient and its target) and its steps 3-4 equal an uninterrupted run's."""
+    entropy = dict(entropy_coef=0.01, adaptive_entropy=True, target_entropy_ratio=0.9, entropy_coef_lr=2.0)
+    straight = _run(tmp_path, "straight", num_steps=4, checkpoint_every=2, **entropy)
+    _run(tmp_path, "stopped", num_steps=2, checkpoint_every=2, **entropy)
+    caplog.set_level(logging.INFO)
+    resumed = _run(tmp_path, "stopped", num_steps=4, checkpoint_every=2, **entropy)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]  # lines 1-2 kept, 3-4 appended
+    for key in ("loss", "entropy_coef", "target_entropy", "reward_token_share_mean"):
+        assert [m[key] for m in resumed] == pytest.approx([m[key] for m in straight], rel=1e-4, abs=1e-6), key
+    assert f"resumed from {tmp_path / 'stopped' / 'checkpoints'}" in caplog.text and "at step 2" in caplog.text

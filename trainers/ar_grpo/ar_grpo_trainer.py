@@ -177,18 +177,11 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
     moments_holder = _MomentsHolder()
     checkpoints = common.CheckpointManager(out_dir, cfg.checkpoint_every, cfg.keep_checkpoints,
                                            modules={"fid_moments": moments_holder}, family=family)
-    start_step, extra = 0, {}
-    if not cfg.resume:
-        checkpoints.clear()
-    else:
-        latest = checkpoints.latest()
-        if latest is not None:
-            state = checkpoints.load(latest[1], model, opt, cfg)
-            start_step, extra = int(state["step"]), dict(state.get("extra") or {})
+    start_step, extra, resumed_from = checkpoints.start(cfg.resume, model, opt, cfg)
     logger = common.MetricsLogger(out_dir, resume_step=start_step, enabled=acc.is_main_process)
     common.write_json(out_dir / "config.json", common.config_to_dict(cfg))
     if start_step:
-        logger.info(f"resumed from {latest[1]} at step {start_step}")  # type: ignore[index]
+        logger.info(f"resumed from {resumed_from} at step {start_step}")
 
     scorer = None
     if reward_fn is None or feature_fn is None:
