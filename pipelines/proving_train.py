@@ -1023,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
         marker = learnability(args.model, args.out, prompts=args.prompts, seed=args.seed, steps=args.steps,
                               batch=args.batch, lr=args.lr, repeats=args.repeats, train_text=args.train_text,
                               heldout=args.heldout, guidance=args.guidance, cond_dropout=args.cond_dropout,
-                              task=args.task, plain=args.plain, threads=args.threads, log=lambda m: print(m, flush=True))
+                              task=args.task, plain=args.plain, threads=args.threads,
+                              log=lambda m: print(m, flush=True))
         b, a = marker["before"], marker["after"]
         line = (f"learnability ({marker['task']}, CFG {marker['guidance']:g}): {args.prompts} prompts x "
                 f"{args.repeats} noises, {marker['steps']} steps of {args.batch}: correct {b['correct']:.3f} -> "

@@ -60,17 +60,7 @@ CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun", "a
 RESOLUTION = 32
 
 
-# --------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """The zoo's tiny StableDiffusionPipeline, built into a private dir (no shared state, no downloads)."""
-    from pipelines.zoo.diffusion import build_t2i
-
-    out = tmp_path_factory.mktemp("zoo") / "t2i"
-    build_t2i(out)
-    return str(out)
-
+# ------------------------------------------------------------------- fixtures (tiny_model is conftest.py's)
 
 def _texture(seed: int, size: int = 64) -> np.ndarray:
     """A smooth random colour texture, ``(size, size, 3)`` in [0, 1] (an 8x8 grid, bilinearly upsampled)."""

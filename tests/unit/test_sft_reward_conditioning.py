@@ -49,15 +49,6 @@ def _meta(i: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from pipelines.zoo.diffusion import build_t2i
-
-    out = tmp_path_factory.mktemp("zoo") / "t2i"
-    build_t2i(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def scored_corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("scored_corpus") / "v1"
     samples = [{"__key__": f"s{i:04d}", "jpg": noisy_jpeg(COLOURS[i % 6], i, size=32), "txt": CAPTIONS[i % 6],

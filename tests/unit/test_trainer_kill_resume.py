@@ -53,15 +53,6 @@ def multi_image_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from pipelines.zoo.diffusion import build_t2i
-
-    out = tmp_path_factory.mktemp("zoo") / "t2i"
-    build_t2i(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory) -> str:
     samples = [{"__key__": f"s{i:04d}", "jpg": noisy_jpeg(COLOURS[i % 6], i), "txt": CAPTIONS[i % 6], "json": {}}
                for i in range(10)]
@@ -226,45 +217,6 @@ def test_dpo_killed_mid_run_resumes_from_checkpoint(tiny_model, pref_corpus, tmp
            "beta": 2000.0, "lora_rank": 4, "num_threads": 1, "device": "cpu"}
     _check_kill_resume("trainers.dpo", cfg, tmp_path,
                        ["loss", "implicit_acc", "margin", "grad_norm", "raw_samples_consumed"])
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    pytest.importorskip("open_clip")
-    try:
-        from labelers.clip_scorer import ClipScorer  # noqa: F401
-        from pipelines.zoo.clip import build_clip
-    except ImportError as exc:  # the CLIP scorer / zoo builder are owned elsewhere
-        pytest.skip(f"CLIP reward pieces unavailable: {exc}")
-    out = tmp_path_factory.mktemp("zoo_clip") / "clip"
-    build_clip(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def prompt_pool(tmp_path_factory) -> str:
-    import polars as pl
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("pool")
-    refs = []
-    for k in range(3):
-        path = root / f"ref_{k}.png"
-        Image.new("RGB", (64, 64), COLOURS[k]).save(path)
-        refs.append(str(path))
-    rows = [
-        {"prompt_id": "p0", "task": "t2i", "text": "a red square", "reference_images": [], "split": "train"},
-        {"prompt_id": "p1", "task": "multi_ref", "text": "the subject in this style", "reference_images": refs[:2],
-         "split": "train"},
-        {"prompt_id": "p2", "task": "multi_ref", "text": "subject, style and background", "reference_images": refs,
-         "split": "train"},
-        {"prompt_id": "h0", "task": "t2i", "text": "a blue circle", "reference_images": [], "split": "heldout"},
-        {"prompt_id": "h1", "task": "multi_ref", "text": "a dog in this style", "reference_images": refs[1:],
-         "split": "heldout"},
-    ]
-    path = root / "pool.parquet"
-    pl.DataFrame(rows, schema_overrides={"reference_images": pl.List(pl.String)}).write_parquet(path)
-    return str(path)
 
 
 def test_grpo_killed_mid_run_resumes_from_checkpoint(multi_image_model, tiny_clip, prompt_pool, tmp_path):

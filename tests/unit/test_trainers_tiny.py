@@ -33,16 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """The zoo's tiny StableDiffusionPipeline, built into a private dir (no shared state, no downloads)."""
-    from pipelines.zoo.diffusion import build_t2i
-
-    out = tmp_path_factory.mktemp("zoo") / "t2i"
-    build_t2i(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("sft_corpus") / "v1"
     samples = [
@@ -70,36 +60,6 @@ def pref_corpus(tmp_path_factory) -> str:
             "json": {"pair_id": f"p{i}", "p_chosen": 0.8},
         })
     return write_corpus(root, samples, per_shard=4)
-
-
-@pytest.fixture(scope="module")
-def prompt_pool(tmp_path_factory) -> str:
-    import polars as pl
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("pool")
-    refs = []
-    for k in range(3):
-        path = root / f"ref_{k}.png"
-        Image.new("RGB", (64, 64), COLOURS[k]).save(path)
-        refs.append(str(path))
-    rows = [
-        {"prompt_id": "p0", "task": "t2i", "text": "a red square", "reference_images": [], "reference_types": [],
-         "split": "train", "difficulty": 0.3},
-        {"prompt_id": "p1", "task": "multi_ref", "text": "the subject in this style", "reference_images": refs[:2],
-         "reference_types": ["subject", "style"], "split": "train", "difficulty": 0.6},
-        {"prompt_id": "p2", "task": "multi_ref", "text": "subject, style and background",
-         "reference_images": refs, "reference_types": ["subject", "style", "background"], "split": "train",
-         "difficulty": 0.8},
-        {"prompt_id": "h0", "task": "t2i", "text": "a blue circle", "reference_images": [], "reference_types": [],
-         "split": "heldout", "difficulty": 0.3},
-        {"prompt_id": "h1", "task": "multi_ref", "text": "a dog in this style", "reference_images": refs[1:],
-         "reference_types": ["subject", "style"], "split": "heldout", "difficulty": 0.5},
-    ]
-    path = root / "pool.parquet"
-    pl.DataFrame(rows, schema_overrides={"reference_images": pl.List(pl.String),
-                                         "reference_types": pl.List(pl.String)}).write_parquet(path)
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -271,19 +231,6 @@ def test_grpo_reward_pieces():
     assert r["raw_sim"] == pytest.approx(0.75) and r["clip_i"] == pytest.approx(0.75)
     cfg_nodrs = GRPOConfig(use_drs=False, lambdas={"multi_ref": 0.5})
     assert sample_rewards(0.3, [0.7, 0.8], "multi_ref", cfg_nodrs)["reward"] == pytest.approx(0.4285714, abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    pytest.importorskip("open_clip")
-    try:
-        from labelers.clip_scorer import ClipScorer  # noqa: F401
-        from pipelines.zoo.clip import build_clip
-    except ImportError as exc:  # the CLIP scorer / zoo builder are owned elsewhere
-        pytest.skip(f"CLIP reward pieces unavailable: {exc}")
-    out = tmp_path_factory.mktemp("zoo_clip") / "clip"
-    build_clip(out)
-    return str(out)
 
 
 def test_grpo_trains_selects_best_and_resumes(tiny_model, tiny_clip, prompt_pool, sft_corpus, tmp_path):
