@@ -206,16 +206,21 @@ def agreement(pairs: list[tuple[Any, str]], results: list[Any]) -> dict[str, Any
             "pairwise": order.agreement, "pairwise_ties": order.tie_rate, "pairwise_n": order.told_apart}
 
 
-def judge_pairs(model_dir: str, pairs: list[tuple[Any, str]]) -> dict[str, Any]:
-    """Greedy structured judging of ``pairs``' images (as labelling does), compared with the verifier."""
+def judge_pair_sets(model_dir: str, *pair_sets: list[tuple[Any, str]]) -> list[dict[str, Any]]:
+    """Greedy structured judging of each set's images (as labelling does), compared with the verifier: one
+    agreement per set, the judge loaded once."""
     from labelers.judge import TransformersJudge
 
     judge = TransformersJudge(model_dir, batch_size=16, max_new_tokens=256, temperature=0.0).setup()
     try:
-        results = judge.judge([p[0] for p in pairs])
+        return [agreement(pairs, judge.judge([p[0] for p in pairs])) for pairs in pair_sets]
     finally:
         judge.teardown()
-    return agreement(pairs, results)
+
+
+def judge_pairs(model_dir: str, pairs: list[tuple[Any, str]]) -> dict[str, Any]:
+    """Greedy structured judging of ``pairs``' images (as labelling does), compared with the verifier."""
+    return judge_pair_sets(model_dir, pairs)[0]
 
 
 def evaluate_judge(model_dir: str, seed: int = 0, n: int = 64) -> dict[str, Any]:
@@ -320,12 +325,13 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
         model.eval()
         model.save_pretrained(out_dir)
         train_seconds = time.time() - started
-        metrics = evaluate_judge(str(out_dir), seed, eval_n)
+        renders = examples(seed + EVAL_SEED_OFFSET, 0, eval_n)  # evaluate_judge's
+        held_out = (candidate_examples(seed + EVAL_SEED_OFFSET, eval_prompts, 4, candidates, threads)
+                    if candidates and eval_prompts else None)
+        results = judge_pair_sets(str(out_dir), renders, *filter(None, [held_out]))
+        metrics, candidate_metrics = results[0], (results[1] if held_out else None)
         log(f"[world-judge] agreement with the verifier on {eval_n} held-out renders: {metrics}")
-        candidate_metrics = None
-        if candidates and eval_prompts:
-            held_out = candidate_examples(seed + EVAL_SEED_OFFSET, eval_prompts, 4, candidates, threads)
-            candidate_metrics = judge_pairs(str(out_dir), held_out)
+        if held_out:
             log(f"[world-judge] ... on {len(held_out)} held-out candidates of {candidates}: {candidate_metrics}")
     info = {"init_from": str(init_from) if init_from else None, "seed": seed, "caption_steps": caption_steps,
             "steps": steps, "batch": batch, "lr": lr, "pixels": pixels,

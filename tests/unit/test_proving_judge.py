@@ -1,4 +1,5 @@
-"""The world judge's training data and its agreement measure (pipelines/proving_judge.py), without a model."""
+"""The world judge's training data and its agreement measure (pipelines/proving_judge.py), without a model; and a
+minimal training run's evaluations."""
 
 import json
 
@@ -49,3 +50,24 @@ def test_agreement_counts_orders_and_ties_of_same_prompt_pairs_only():
     always_five = [_result(r.key, a=5, b=5) for r in results]
     blind = agreement(pairs, always_five)
     assert blind["pairwise"] is None and blind["pairwise_ties"] == 1.0  # the first world judge's reading
+
+
+def test_training_evaluates_renders_and_candidates_with_one_loaded_judge(tmp_path, monkeypatch, one_torch_thread):
+    """A minimal world-judge run (zoo:judge, 1 caption + 1 judging step) writes both agreements, judged by one
+    judge setup (it used to load the trained judge once per evaluation)."""
+    from labelers.judge import TransformersJudge
+    from pipelines.proving_judge import train_world_judge
+
+    setups = []
+    real_setup = TransformersJudge.setup
+
+    def counting_setup(self):
+        setups.append(self.model_path)
+        return real_setup(self)
+
+    monkeypatch.setattr(TransformersJudge, "setup", counting_setup)
+    info = train_world_judge(tmp_path / "judge", steps=1, caption_steps=1, batch=4, eval_n=2, candidate_prompts=2,
+                             candidate_seeds=1, eval_prompts=1, log=lambda m: None)
+    assert setups == [str(tmp_path / "judge")]
+    assert info["eval"]["n"] == 2 and info["eval_candidates"]["n"] == 4  # 1 held-out prompt x 4 seeds
+    assert (tmp_path / "judge" / "train_info.json").is_file()
