@@ -501,30 +501,40 @@ def apply_lr(optimizer, cfg: Any, step: int) -> float:
 def finish_training(setup: TrainingSetup, step: int, final_metrics: dict[str, Any],
                     extra_result: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save ``adapter/``, write ``result.json``, report to Pipes; returns the result dict."""
+    setup.accelerator.wait_for_everyone()
+    if not setup.accelerator.is_main_process:
+        return {}
+    modules = {name: setup.accelerator.unwrap_model(m) for name, m in setup.modules.items()}
+    adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter", modules=modules, family=setup.family)
+    return write_training_result(setup.output_dir, step, adapter_dir, setup.checkpoints, setup.logger, final_metrics,
+                                 setup.lora, setup.family, setup.config, setup.start_step, extra_result)
+
+
+def write_training_result(output_dir: Path, step: int, adapter_dir: Path, checkpoints: CheckpointManager,
+                          logger: MetricsLogger, final_metrics: dict[str, Any], lora: dict[str, Any], family: Any,
+                          config: Any, start_step: int,
+                          extra_result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``result.json`` of a finished run (the saved adapter, latest checkpoint, final metrics, what it trained and
+    from where; ``extra_result`` added), also reported to Pipes through ``logger``; returns it."""
     from pipelines.zoo import resolve_model
 
-    setup.accelerator.wait_for_everyone()
-    result: dict[str, Any] = {}
-    if setup.accelerator.is_main_process:
-        modules = {name: setup.accelerator.unwrap_model(m) for name, m in setup.modules.items()}
-        adapter_dir = save_lora(unwrap(setup), setup.output_dir / "adapter", modules=modules, family=setup.family)
-        latest = setup.checkpoints.latest()
-        result = {
-            "steps": int(step),
-            "adapter_path": str(adapter_dir),
-            "adapter_file": str(adapter_dir / LORA_WEIGHT_NAME),
-            "checkpoint_path": str(latest[1]) if latest else None,
-            "metrics_path": str(setup.logger.path),
-            "final_metrics": {k: _finite(v) for k, v in final_metrics.items()},
-            "lora": setup.lora,
-            "family": setup.family.name if setup.family is not None else None,
-            "pipeline_class": setup.family.pipeline_class if setup.family is not None else None,
-            "pretrained_model_path": str(resolve_model(setup.config.pretrained_model)),
-            "resumed_from_step": int(setup.start_step),
-            "config": config_to_dict(setup.config),
-        }
-        result.update(extra_result or {})
-        write_json(setup.output_dir / "result.json", result)
-        setup.logger.finish(result)
+    latest = checkpoints.latest()
+    result = {
+        "steps": int(step),
+        "adapter_path": str(adapter_dir),
+        "adapter_file": str(adapter_dir / LORA_WEIGHT_NAME),
+        "checkpoint_path": str(latest[1]) if latest else None,
+        "metrics_path": str(logger.path),
+        "final_metrics": {k: _finite(v) for k, v in final_metrics.items()},
+        "lora": lora,
+        "family": family.name if family is not None else None,
+        "pipeline_class": family.pipeline_class if family is not None else None,
+        "pretrained_model_path": str(resolve_model(config.pretrained_model)),
+        "resumed_from_step": int(start_step),
+        "config": config_to_dict(config),
+        **(extra_result or {}),
+    }
+    write_json(output_dir / "result.json", result)
+    logger.finish(result)
     return result
 

@@ -375,31 +375,15 @@ def train(config: ARGRPOConfig | dict | str, reward_fn: RewardFn | None = None,
         best = {"score": None, "step": step}
     last = last or (logger.history[-1] if logger.history else {})
     final = {k: v for k, v in last.items() if k not in ("step", "time") and not isinstance(v, list)}
-    result: dict[str, Any] = {}
-    if acc.is_main_process:
-        adapter_dir = common.save_lora(model, out_dir / "adapter", family=family)
-        latest = checkpoints.latest()
-        result = {
-            "steps": int(step),
-            "adapter_path": str(adapter_dir),
-            "best_adapter_path": str(out_dir / "best_adapter"),
-            "best_heldout_lambda_harmonic": best["score"],
-            "best_step": best["step"],
-            "checkpoint_path": str(latest[1]) if latest else None,
-            "metrics_path": str(logger.path),
-            "final_metrics": {k: common._finite(v) for k, v in final.items()},
-            "lora": {**lora, "family": family.name, "pipeline_class": family.pipeline_class},
-            "family": family.name,
-            "pipeline_class": family.pipeline_class,
-            "pretrained_model_path": resolve_model(cfg.pretrained_model),
-            "resumed_from_step": int(start_step),
-            "initial_entropy": extra.get("initial_entropy"),
-            "target_entropy": target_entropy,
-            "config": common.config_to_dict(cfg),
-        }
-        common.write_json(out_dir / "result.json", result)
-        logger.finish(result)
-    return result
+    if not acc.is_main_process:
+        return {}
+    adapter_dir = common.save_lora(model, out_dir / "adapter", family=family)
+    return common.write_training_result(
+        out_dir, step, adapter_dir, checkpoints, logger, final,
+        {**lora, "family": family.name, "pipeline_class": family.pipeline_class}, family, cfg, start_step,
+        {"best_adapter_path": str(out_dir / "best_adapter"), "best_heldout_lambda_harmonic": best["score"],
+         "best_step": best["step"], "initial_entropy": extra.get("initial_entropy"),
+         "target_entropy": target_entropy})
 
 
 def _MomentsHolder():
