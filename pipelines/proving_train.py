@@ -562,7 +562,8 @@ def evaluate_generator(family, seed: int = 0, n: int = GEN_EVAL_N, size: int = G
     correct, facts = 0.0, 0.0
     for start in range(0, n, batch):
         part = items[start:start + batch]
-        references = _references(part) if task == "multi_ref" else None  # drawn once: conditioning and grading
+        # a multi_ref batch's pictures, drawn once for its input grids and its grading (the items say the task)
+        references = _references(part) if part[0].task == "multi_ref" else None
         sources = _sources(part, size, references)
         cond = _world_conditioning(family, [it.text for it in part], sources)
         uncond = _world_conditioning(family, [""] * len(part), sources) if guidance > 1 else None

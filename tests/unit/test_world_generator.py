@@ -224,7 +224,11 @@ def test_a_multi_ref_run_conditions_kontext_on_the_reference_grid_and_draws_the_
             expected = reference_grid(refs, DEFAULT_SIZE, DEFAULT_SIZE).resize((48, 48), Image.Resampling.LANCZOS)
             assert grid.tobytes() == expected.tobytes()
         assert drawn_scenes[step] == [it.scene for it in batch]  # the arranged scene, with or without the prompt
-    assert load_family(str(out)).is_kontext
+    family = load_family(str(out))
+    assert family.is_kontext
+    # given items, the evaluation conditions and grades them by their own task, whatever ``task`` says
+    assert proving_train.evaluate_generator(family, items=items[:2]) == proving_train.evaluate_generator(
+        family, items=items[:2], task="multi_ref")
 
 
 def test_multi_ref_grading_passes_the_arranged_scene_and_fails_a_swapped_one():
