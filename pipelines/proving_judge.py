@@ -223,9 +223,14 @@ def judge_pairs(model_dir: str, pairs: list[tuple[Any, str]]) -> dict[str, Any]:
     return judge_pair_sets(model_dir, pairs)[0]
 
 
+def held_out_renders(seed: int = 0, n: int = 64) -> list[tuple[Any, str]]:
+    """``n`` renders (half with one fact broken) of a world seed no training uses, with the verifier's answers."""
+    return examples(seed + EVAL_SEED_OFFSET, 0, n)
+
+
 def evaluate_judge(model_dir: str, seed: int = 0, n: int = 64) -> dict[str, Any]:
-    """Agreement with the verifier on ``n`` held-out renders (half with one fact broken)."""
-    return judge_pairs(model_dir, examples(seed + EVAL_SEED_OFFSET, 0, n))
+    """Agreement with the verifier on ``n`` held-out renders (:func:`held_out_renders`)."""
+    return judge_pairs(model_dir, held_out_renders(seed, n))
 
 
 def _set_pixel_budget(out_dir: Path, pixels: int) -> None:
@@ -325,7 +330,7 @@ def train_world_judge(out_dir: str | Path, seed: int = 0, steps: int = JUDGE_STE
         model.eval()
         model.save_pretrained(out_dir)
         train_seconds = time.time() - started
-        renders = examples(seed + EVAL_SEED_OFFSET, 0, eval_n)  # evaluate_judge's
+        renders = held_out_renders(seed, eval_n)
         held_out = (candidate_examples(seed + EVAL_SEED_OFFSET, eval_prompts, 4, candidates, threads)
                     if candidates and eval_prompts else None)
         results = judge_pair_sets(str(out_dir), renders, *filter(None, [held_out]))
