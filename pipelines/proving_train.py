@@ -356,6 +356,9 @@ OBJECT_PIXEL_WEIGHT = 10.0
 CONFUSED_COLOUR = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "purple", "purple": "red"}
 # --background-confusion's partner of each background colour (a derangement of verifier.BACKGROUND_COLOURS)
 CONFUSED_BACKGROUND = {"white": "black", "black": "grey", "grey": "white"}
+# --underexposure's gain: the share of light an underexposed training image keeps (one global, prompt-independent
+# flaw, like badly exposed photos in a web corpus; at 0.5 the verifier finds no darkened scene fully right)
+UNDEREXPOSED_GAIN = 0.5
 GEN_HEAD_DIM = 32
 GEN_AXES_ROPE = (8, 12, 12)
 
@@ -376,6 +379,18 @@ def _confused(scene: Scene) -> Scene:
 def _confused_background(scene: Scene) -> Scene:
     """``scene`` on its :data:`CONFUSED_BACKGROUND` (what a background-confused generator draws)."""
     return replace(scene, background=CONFUSED_BACKGROUND[scene.background])
+
+
+def _underexposed(pixels):
+    """``pixels`` (in ``[-1, 1]``) keeping :data:`UNDEREXPOSED_GAIN` of their light (what an underexposed generator
+    draws)."""
+    return (pixels + 1.0) * UNDEREXPOSED_GAIN - 1.0
+
+
+def _underexpose_some(pixels, share: float, rng: random.Random, torch):
+    """``pixels`` with each image :func:`_underexposed` with probability ``share`` (one ``rng`` draw per image)."""
+    dark = torch.tensor([rng.random() < share for _ in range(pixels.shape[0])]).view(-1, 1, 1, 1)
+    return torch.where(dark, _underexposed(pixels), pixels)
 
 
 def _object_mask(scenes: list[Scene], x, torch):
@@ -608,6 +623,7 @@ def train_world_generator(
     snapshot: bool = False,
     colour_confusion: float = 0.0,
     background_confusion: float = 0.0,
+    underexposure: float = 0.0,
     train_items: Sequence[WorldItem] | None = None,
     eval_items: Sequence[WorldItem] | None = None,
     eval_repeats: int = 1,
@@ -626,8 +642,9 @@ def train_world_generator(
     ``train_text=False``. ``colour_confusion`` is the share of training scenes drawn with each object in its
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
     flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
-    :data:`CONFUSED_BACKGROUND`. ``train_items`` replaces the fresh scenes by these items, cycled;
-    ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`).
+    :data:`CONFUSED_BACKGROUND`; ``underexposure`` is the share of training images darkened to
+    :data:`UNDEREXPOSED_GAIN` of their light, the same flaw for every prompt. ``train_items`` replaces the fresh
+    scenes by these items, cycled; ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`).
 
     ``task="edit"`` trains the FLUX.1 Kontext pipeline instead (the same transformer class; the source image's
     latents are its input-image tokens) on the world's edits — source scene, instruction, edited scene — with tokens
@@ -638,7 +655,8 @@ def train_world_generator(
     multi-reference prompts: each item's reference pictures tiled into its one input image (:func:`_sources`), the
     arranged scene as the target (with or without the prompt), object tokens of the target weighted. A T5 window
     that would cut the task's prompts is refused (:func:`_check_text_window`)."""
-    for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion)):
+    for name, share in (("colour_confusion", colour_confusion), ("background_confusion", background_confusion),
+                        ("underexposure", underexposure)):
         if not 0.0 <= share < 1.0:
             raise ValueError(f"{name} {share} outside [0, 1)")
         if share and task != "t2i":
@@ -776,7 +794,9 @@ def train_world_generator(
                           if background_confusion and confuse_rng.random() < background_confusion else sc
                           for sc in scenes]
                 pixels = _scene_pixels(scenes, image_size, torch)
-                x0 = family.images_to_latents(pixels, sample=False)
+                # the object mask below still reads the scene's own colours
+                shown = _underexpose_some(pixels, underexposure, confuse_rng, torch) if underexposure else pixels
+                x0 = family.images_to_latents(shown, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
                 # but every fact the prompt states
                 patch = image_size // int(round(x0.shape[1] ** 0.5))
@@ -837,6 +857,7 @@ def train_world_generator(
             "stop_at_correct": stop_at_correct,
             "colour_confusion": colour_confusion,
             "background_confusion": background_confusion,
+            "underexposure": underexposure,
             "train_items": [it.text for it in train_items] if train_items else None,
             "text_tokens": text_tokens,
             "vae": vae_info,
@@ -986,6 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of training scenes drawn with the objects in a partner colour (the prompt unchanged)")
     g.add_argument("--background-confusion", type=float, default=0.0,
                    help="share of training scenes drawn on a partner background colour (the prompt unchanged)")
+    g.add_argument("--underexposure", type=float, default=0.0,
+                   help=f"share of training images darkened to {UNDEREXPOSED_GAIN} of their light "
+                        "(the prompt unchanged)")
     g.add_argument("--eval-guidance", type=float, nargs="+", default=[GEN_GUIDANCE],
                    help="classifier-free guidance scales to evaluate at (the first one decides --stop-at-correct)")
     g.add_argument("--cond-dropout", type=float, default=0.1,
@@ -1055,7 +1079,8 @@ def main(argv: list[str] | None = None) -> int:
                                        eval_every=args.eval_every,
                                        stop_at_correct=args.stop_at_correct,
                                        colour_confusion=args.colour_confusion,
-                                       background_confusion=args.background_confusion, task=args.task,
+                                       background_confusion=args.background_confusion,
+                                       underexposure=args.underexposure, task=args.task,
                                        cond_dropout=args.cond_dropout, eval_guidance=tuple(args.eval_guidance),
                                        threads=args.threads,
                                        log=lambda m: print(m, flush=True))

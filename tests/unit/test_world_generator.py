@@ -79,8 +79,47 @@ def test_background_confusion_paints_the_partner_background_and_keeps_the_object
     assert detect(render(confused, 48)).background == confused.background  # the verifier sees the flaw
 
 
+def test_underexposure_darkens_every_pixel_and_the_verifier_then_finds_no_scene_fully_right():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from labelers.verifier import check_t2i, detect
+    from pipelines.proving_train import UNDEREXPOSED_GAIN, _scene_pixels, _underexposed
+    from pipelines.proving_world import world_item
+
+    items = [world_item(3, "t2i", i, 1, plain=True) for i in range(60)]
+    pixels = _scene_pixels([it.scene for it in items], 48, torch)
+    dark = _underexposed(pixels)
+    assert torch.allclose(dark + 1, (pixels + 1) * UNDEREXPOSED_GAIN)  # every pixel keeps that share of its light
+
+    def verified(batch):
+        images = ((batch + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return [all(f.passed for f in check_t2i(it.spec, detect(Image.fromarray(np.ascontiguousarray(im)))))
+                for it, im in zip(items, images)]
+
+    assert all(verified(pixels))  # the scenes as drawn are right ...
+    assert not any(verified(dark))  # ... and no underexposed one is: a flaw the verifier grades as wrong
+
+
+def test_underexposure_darkens_about_its_share_of_a_batch_and_leaves_the_rest_as_drawn():
+    import random
+
+    import torch
+
+    from pipelines.proving_train import _underexpose_some, _underexposed
+
+    pixels = torch.rand(400, 3, 8, 8) * 2 - 1
+    shown = _underexpose_some(pixels, 0.7, random.Random(0), torch)
+    dark = torch.tensor([torch.equal(s, d) for s, d in zip(shown, _underexposed(pixels))])
+    kept = torch.tensor([torch.equal(s, p) for s, p in zip(shown, pixels)])
+    assert bool((dark ^ kept).all())  # each image either darkened whole or left exactly as drawn
+    assert 0.63 < dark.float().mean() < 0.77
+    assert torch.equal(_underexpose_some(pixels, 0.7, random.Random(0), torch), shown)  # seeded: reproducible
+
+
 def test_confusion_outside_zero_to_one_is_refused(tmp_path):
-    for name in ("colour_confusion", "background_confusion"):
+    for name in ("colour_confusion", "background_confusion", "underexposure"):
         with pytest.raises(ValueError, match=name):
             train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, **{name: 1.0})
         assert not (tmp_path / "gen").exists()
