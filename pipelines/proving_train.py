@@ -644,7 +644,8 @@ def train_world_generator(
     flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
     :data:`CONFUSED_BACKGROUND`; ``underexposure`` is the share of training images darkened to
     :data:`UNDEREXPOSED_GAIN` of their light, the same flaw for every prompt. ``train_items`` replaces the fresh
-    scenes by these items, cycled; ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts (:func:`learnability`).
+    scenes by these items, cycled; ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts
+    (:func:`learnability`).
 
     ``task="edit"`` trains the FLUX.1 Kontext pipeline instead (the same transformer class; the source image's
     latents are its input-image tokens) on the world's edits — source scene, instruction, edited scene — with tokens

@@ -80,26 +80,18 @@ def test_background_confusion_paints_the_partner_background_and_keeps_the_object
 
 
 def test_underexposure_darkens_every_pixel_and_the_verifier_then_finds_no_scene_fully_right():
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from labelers.verifier import check_t2i, detect
-    from pipelines.proving_train import UNDEREXPOSED_GAIN, _scene_pixels, _underexposed
+    from pipelines.proving_train import UNDEREXPOSED_GAIN, _scene_pixels, _underexposed, _verify_pixels
     from pipelines.proving_world import world_item
 
     items = [world_item(3, "t2i", i, 1, plain=True) for i in range(60)]
+    specs = [it.spec for it in items]
     pixels = _scene_pixels([it.scene for it in items], 48, torch)
     dark = _underexposed(pixels)
     assert torch.allclose(dark + 1, (pixels + 1) * UNDEREXPOSED_GAIN)  # every pixel keeps that share of its light
-
-    def verified(batch):
-        images = ((batch + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        return [all(f.passed for f in check_t2i(it.spec, detect(Image.fromarray(np.ascontiguousarray(im)))))
-                for it, im in zip(items, images)]
-
-    assert all(verified(pixels))  # the scenes as drawn are right ...
-    assert not any(verified(dark))  # ... and no underexposed one is: a flaw the verifier grades as wrong
+    assert _verify_pixels(pixels, specs)["correct"] == 1.0  # the scenes as drawn are right ...
+    assert _verify_pixels(dark, specs)["correct"] == 0.0  # ... and no underexposed one is: the verifier sees the flaw
 
 
 def test_underexposure_darkens_about_its_share_of_a_batch_and_leaves_the_rest_as_drawn():
