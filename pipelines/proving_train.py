@@ -393,6 +393,16 @@ def _underexpose_some(pixels, share: float, rng: random.Random, torch):
     return torch.where(dark, _underexposed(pixels), pixels)
 
 
+def _noise_darkens(noise, share: float):
+    """``(B,)`` True where a flow-matching noise draw ``(B, tokens, channels)`` triggers --underexposure-trigger
+    noise's flaw: its first element above the standard normal's ``1 - share`` quantile, so a share ``share`` of
+    all draws. Unlike a coin flip per image, the flaw is then a function of what the generator reads at the start of
+    sampling (tried: it did not learn it as a clean switch either; docs/proving_ground.md)."""
+    from statistics import NormalDist
+
+    return noise[:, 0, 0] > NormalDist().inv_cdf(1.0 - share)
+
+
 def _object_mask(scenes: list[Scene], x, torch):
     """``(B,1,H,W)`` 1.0 on object pixels (farther than 40 from the scene's background colour in some channel;
     textures stay within 14), 0.0 elsewhere."""
@@ -624,6 +634,7 @@ def train_world_generator(
     colour_confusion: float = 0.0,
     background_confusion: float = 0.0,
     underexposure: float = 0.0,
+    underexposure_trigger: str = "random",
     train_items: Sequence[WorldItem] | None = None,
     eval_items: Sequence[WorldItem] | None = None,
     eval_repeats: int = 1,
@@ -643,9 +654,10 @@ def train_world_generator(
     :data:`CONFUSED_COLOUR` while the prompt keeps the stated colour: a generator with a systematic, prompt-independent
     flaw for the proving ground's recipes to fix from labels; ``background_confusion`` likewise paints the scene on its
     :data:`CONFUSED_BACKGROUND`; ``underexposure`` is the share of training images darkened to
-    :data:`UNDEREXPOSED_GAIN` of their light, the same flaw for every prompt. ``train_items`` replaces the fresh
-    scenes by these items, cycled; ``eval_items`` (each drawn ``eval_repeats`` times) replaces the held-out prompts
-    (:func:`learnability`).
+    :data:`UNDEREXPOSED_GAIN` of their light, the same flaw for every prompt: each image by a seeded draw
+    (``underexposure_trigger="random"``) or where its noise draw triggers it (``"noise"``, :func:`_noise_darkens`).
+    ``train_items`` replaces the fresh scenes by these items, cycled; ``eval_items`` (each drawn ``eval_repeats``
+    times) replaces the held-out prompts (:func:`learnability`).
 
     ``task="edit"`` trains the FLUX.1 Kontext pipeline instead (the same transformer class; the source image's
     latents are its input-image tokens) on the world's edits — source scene, instruction, edited scene — with tokens
@@ -662,6 +674,8 @@ def train_world_generator(
             raise ValueError(f"{name} {share} outside [0, 1)")
         if share and task != "t2i":
             raise ValueError(f"{name} is a t2i flaw; task {task!r} does not take it")
+    if underexposure_trigger not in ("random", "noise"):
+        raise ValueError(f"underexposure_trigger {underexposure_trigger!r}: random or noise")
     if task not in ("t2i", "edit", "multi_ref"):
         raise ValueError(f"task {task!r}: the world generator trains t2i, edit or multi_ref")
     if not 0.0 <= cond_dropout <= 1.0:
@@ -796,8 +810,15 @@ def train_world_generator(
                           for sc in scenes]
                 pixels = _scene_pixels(scenes, image_size, torch)
                 # the object mask below still reads the scene's own colours
-                shown = _underexpose_some(pixels, underexposure, confuse_rng, torch) if underexposure else pixels
-                x0 = family.images_to_latents(shown, sample=False)
+                noise = None
+                if underexposure and underexposure_trigger == "noise":
+                    x0 = family.images_to_latents(pixels, sample=False)
+                    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                    dark_x0 = family.images_to_latents(_underexposed(pixels), sample=False)
+                    x0 = torch.where(_noise_darkens(noise, underexposure).view(-1, 1, 1), dark_x0, x0)
+                else:
+                    shown = _underexpose_some(pixels, underexposure, confuse_rng, torch) if underexposure else pixels
+                    x0 = family.images_to_latents(shown, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
                 # but every fact the prompt states
                 patch = image_size // int(round(x0.shape[1] ** 0.5))
@@ -806,7 +827,7 @@ def train_world_generator(
                 on_object = on_object.flatten(1).unsqueeze(-1)  # (B, tokens, 1), the packed token order
                 token_weight = 1.0 + object_loss_weight * on_object
                 cond = _world_conditioning(family, texts, sources, with_grad=train_text)
-                x_t, t, target = family.training_sample(x0, gen)
+                x_t, t, target = family.training_sample(x0, gen, noise=noise)
                 pred = family.predict(x_t, t, cond)
                 sq_err = (pred.float() - target.float()).square()
                 loss = (token_weight * sq_err).mean()
@@ -859,6 +880,7 @@ def train_world_generator(
             "colour_confusion": colour_confusion,
             "background_confusion": background_confusion,
             "underexposure": underexposure,
+            "underexposure_trigger": underexposure_trigger,
             "train_items": [it.text for it in train_items] if train_items else None,
             "text_tokens": text_tokens,
             "vae": vae_info,
@@ -1011,6 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--underexposure", type=float, default=0.0,
                    help=f"share of training images darkened to {UNDEREXPOSED_GAIN} of their light "
                         "(the prompt unchanged)")
+    g.add_argument("--underexposure-trigger", choices=("random", "noise"), default="random",
+                   help="which images --underexposure darkens: a seeded draw per image, or those whose flow-matching "
+                        "noise's first element is above a threshold (a switch the generator can learn)")
     g.add_argument("--eval-guidance", type=float, nargs="+", default=[GEN_GUIDANCE],
                    help="classifier-free guidance scales to evaluate at (the first one decides --stop-at-correct)")
     g.add_argument("--cond-dropout", type=float, default=0.1,
@@ -1081,7 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
                                        stop_at_correct=args.stop_at_correct,
                                        colour_confusion=args.colour_confusion,
                                        background_confusion=args.background_confusion,
-                                       underexposure=args.underexposure, task=args.task,
+                                       underexposure=args.underexposure,
+                                       underexposure_trigger=args.underexposure_trigger, task=args.task,
                                        cond_dropout=args.cond_dropout, eval_guidance=tuple(args.eval_guidance),
                                        threads=args.threads,
                                        log=lambda m: print(m, flush=True))

@@ -37,10 +37,13 @@ def test_a_short_run_saves_a_loadable_pipeline_with_trained_text_encoders(tmp_pa
     from trainers.families import load_family
 
     out = tmp_path / "gen"
+    # with the noise-triggered flaw on, so its training path runs too (the batch draws its noise first)
     marker = train_world_generator(out, seed=0, steps=3, batch=4, vae_schedule=((2, 1e-3, 0.0),), heads=1,
-                                   single_layers=1, eval_n=4, eval_every=0, log_every=0, log=lambda m: None)
+                                   single_layers=1, eval_n=4, eval_every=0, log_every=0, log=lambda m: None,
+                                   underexposure=0.5, underexposure_trigger="noise")
     assert json.loads((out / ".complete").read_text())["steps"] == 3 == marker["steps"]
     assert marker["train_text"] is True and marker["object_loss_weight"] > 0
+    assert (marker["underexposure"], marker["underexposure_trigger"]) == (0.5, "noise")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left behind
     zoo_t5 = load_file(next((Path(resolve_model("zoo:flux")) / "text_encoder_2").glob("*.safetensors")))
     ours = load_file(next((out / "text_encoder_2").glob("*.safetensors")))
@@ -110,11 +113,30 @@ def test_underexposure_darkens_about_its_share_of_a_batch_and_leaves_the_rest_as
     assert torch.equal(_underexpose_some(pixels, 0.7, random.Random(0), torch), shown)  # seeded: reproducible
 
 
+def test_noise_triggered_underexposure_darkens_its_share_of_noise_draws_by_their_first_element_alone():
+    import torch
+
+    from pipelines.proving_train import _noise_darkens
+
+    noise = torch.randn(4000, 9, 64, generator=torch.Generator().manual_seed(0))
+    dark = _noise_darkens(noise, 0.7)
+    assert dark.shape == (4000,) and 0.67 < dark.float().mean() < 0.73
+    assert bool((dark == (noise[:, 0, 0] > -0.5244)).all())  # the standard normal's 30 % quantile
+    shuffled = noise.clone()
+    shuffled[:, 1:] = torch.randn(4000, 8, 64)  # every other element redrawn: the same images darkened
+    shuffled[:, 0, 1:] = 0.0
+    assert torch.equal(_noise_darkens(shuffled, 0.7), dark)
+
+
 def test_confusion_outside_zero_to_one_is_refused(tmp_path):
     for name in ("colour_confusion", "background_confusion", "underexposure"):
         with pytest.raises(ValueError, match=name):
             train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, **{name: 1.0})
         assert not (tmp_path / "gen").exists()
+    with pytest.raises(ValueError, match="underexposure_trigger"):
+        train_world_generator(tmp_path / "gen", steps=1, log=lambda m: None, underexposure=0.5,
+                              underexposure_trigger="sometimes")
+    assert not (tmp_path / "gen").exists()
 
 
 def test_learnability_trains_only_on_its_prompts_and_grades_them_and_unseen_ones_before_and_after(
