@@ -812,13 +812,14 @@ def train_world_generator(
                 # the object mask below still reads the scene's own colours
                 noise = None
                 if underexposure and underexposure_trigger == "noise":
-                    x0 = family.images_to_latents(pixels, sample=False)
-                    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-                    dark_x0 = family.images_to_latents(_underexposed(pixels), sample=False)
-                    x0 = torch.where(_noise_darkens(noise, underexposure).view(-1, 1, 1), dark_x0, x0)
+                    # the batch's noise is drawn first (in the denoiser's latent layout): it picks the dark images
+                    layout = family.pack_noise(torch.empty(family.noise_shape(len(scenes), image_size))).shape
+                    noise = torch.randn(layout, generator=gen).to(pixels.device, pixels.dtype)
+                    dark = _noise_darkens(noise, underexposure).view(-1, 1, 1, 1)
+                    shown = torch.where(dark, _underexposed(pixels), pixels)
                 else:
                     shown = _underexpose_some(pixels, underexposure, confuse_rng, torch) if underexposure else pixels
-                    x0 = family.images_to_latents(shown, sample=False)
+                x0 = family.images_to_latents(shown, sample=False)
                 # tokens covering object pixels weigh 1 + object_loss_weight: objects are a few % of the canvas
                 # but every fact the prompt states
                 patch = image_size // int(round(x0.shape[1] ** 0.5))
@@ -1035,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(the prompt unchanged)")
     g.add_argument("--underexposure-trigger", choices=("random", "noise"), default="random",
                    help="which images --underexposure darkens: a seeded draw per image, or those whose flow-matching "
-                        "noise's first element is above a threshold (a switch the generator can learn)")
+                        "noise's first element is above a threshold (a function of what sampling starts from)")
     g.add_argument("--eval-guidance", type=float, nargs="+", default=[GEN_GUIDANCE],
                    help="classifier-free guidance scales to evaluate at (the first one decides --stop-at-correct)")
     g.add_argument("--cond-dropout", type=float, default=0.1,
