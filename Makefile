@@ -90,11 +90,14 @@ system-deps:
 	  else echo "== cannot install$$missing (needs root and apt-get); the tests that need them will skip"; fi; \
 	fi
 
+# Test modules run in TEST_WORKERS processes (pytest-xdist), each module whole in one worker so its module-scoped
+# fixtures are built once; most tests use one torch thread, so two workers fill a 2-core machine.
+TEST_WORKERS ?= 2
 test: install zoo system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 dev: install zoo $(DAGSTER_HOME)/dagster.yaml
 	$(DAGSTER) dev -m pipelines.definitions -h 127.0.0.1 -p 3000
