@@ -87,6 +87,31 @@ def test_grpo_verifier_reward_is_the_share_of_true_facts(monkeypatch):
     assert out["raw_sim"] == out["reward"] and out["clip_raw_sim"] == [0.3] * 3
 
 
+def test_grpo_with_the_verifier_reward_refuses_a_pool_outside_the_world_before_loading_a_model(tmp_path):
+    import polars as pl
+
+    from trainers.grpo.grpo_config import GRPOConfig
+    from trainers.grpo.grpo_trainer import train
+
+    world = [world_item(9, "t2i", i, max_objects=1).text for i in range(3)]
+    rows = [{"prompt_id": f"w{i}", "task": "t2i", "text": t, "split": "train"} for i, t in enumerate(world)]
+    rows += [{"prompt_id": "cat", "task": "t2i", "text": "a cat on a sofa", "split": "train"},
+             {"prompt_id": "h-dog", "task": "t2i", "text": "a dog at the beach", "split": "heldout"}]
+    pool = tmp_path / "pool.parquet"
+    pl.DataFrame(rows).write_parquet(pool)
+    # the model path does not exist: a refusal that names the prompts proves the check runs before any load
+    cfg = GRPOConfig(pretrained_model=str(tmp_path / "no-model"), prompt_pool=str(pool), reward="verifier",
+                     output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"2 of 5 prompts .* not in its grammar: cat \(.*h-dog \(") as refused:
+        train(cfg)
+    assert not any(f"w{i}" in str(refused.value) for i in range(3))  # the world's prompts pass
+    train_world = GRPOConfig(**{**cfg.__dict__, "prompt_pool": str(tmp_path / "world.parquet")})
+    pl.DataFrame(rows[:3]).write_parquet(train_world.prompt_pool)
+    with pytest.raises(Exception) as loading:  # a world pool passes the check and goes on to load the model
+        train(train_world)
+    assert "grammar" not in str(loading.value)
+
+
 def test_verifier_agreement_scores_labels_that_follow_the_verifier_above_ones_that_invert_it():
     import polars as pl
 

@@ -115,6 +115,25 @@ class VerifierReward(ClipReward):
     under the reward being optimised, and CLIP's similarity says nothing about that here (it orders the
     generator's candidates at chance). CLIP's own raw similarity stays in ``clip_raw_sim``."""
 
+    @staticmethod
+    def check_rows(rows: list[dict[str, Any]]) -> None:
+        """Refuse, before any model loads, prompts the verifier cannot read (it checks only the proving world's
+        grammar): a pool of other prompts would otherwise fail at its first reward, minutes into the run. Every
+        unreadable prompt is counted and the first few are named with the reason."""
+        from labelers.verifier import PromptParseError, parse_prompt
+
+        bad = []
+        for row in rows:
+            try:
+                parse_prompt(str(row.get("task", "t2i")), str(row.get("text", "")),
+                             len(row.get("reference_images") or []))
+            except PromptParseError as exc:
+                bad.append(f"{row.get('prompt_id', '?')} ({exc})")
+        if bad:
+            shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            raise ValueError(f"reward 'verifier' checks only the proving world's prompts, and {len(bad)} of "
+                             f"{len(rows)} prompts in the pool are not in its grammar: {shown}")
+
     def __call__(self, images: list, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         from PIL import Image
 
@@ -225,6 +244,8 @@ def train(config: GRPOConfig | dict | str, reward_fn: RewardFn | None = None) ->
     heldout_rows = [r for r in pool if r.get("split") == "heldout"][: cfg.heldout_prompts]
     if not train_rows:
         raise ValueError(f"no train prompts in {cfg.prompt_pool} (tasks={cfg.tasks})")
+    if reward_fn is None and cfg.reward == "verifier":
+        VerifierReward.check_rows(train_rows + heldout_rows)
 
     s = common.prepare_training(cfg)
     acc, unet, opt, family = s.accelerator, s.unet, s.optimizer, s.family
